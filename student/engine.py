@@ -1,0 +1,76 @@
+"""The optimizer side of one process: backward, clip, step, save, load.
+
+The training loop talks to an engine, never to an optimizer, so that the same loop runs in one process
+(``LocalEngine``, here) and on DeepSpeed data-parallel workers (``cluster.deepspeed_engine``), which
+implement the same methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from student.config import OptimConfig
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 autocast on GPU, none on CPU (fp32), as the design card asks."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp in ("auto", "bf16"):
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    raise ValueError(f"optim.amp must be auto, bf16, fp16 or off; got {amp!r}")
+
+
+class LocalEngine:
+    """Adam on one device, with gradient clipping and (for fp16 only) loss scaling."""
+
+    kind = "local"
+
+    def __init__(self, module: nn.Module, optim: OptimConfig, device: torch.device, *, lr: float | None = None,
+                 weight_decay: float | None = None):
+        self.module = module.to(device)
+        self.device = device
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=optim.lr if lr is None else lr, betas=tuple(optim.betas),
+                                          weight_decay=optim.weight_decay if weight_decay is None else weight_decay)
+        self.grad_clip = optim.grad_clip
+        self.amp = amp_dtype(optim.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.rank, self.world_size = 0, 1
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        return bool(torch.isfinite(loss))
+
+    def backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns the gradient norm before clipping."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def model_state(self) -> dict:
+        return self.module.state_dict()
+
+    def save(self, folder: Path, name: str, client_state: dict) -> None:
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(), "client": client_state}, folder / f"{name}.pt")
+
+    def load(self, folder: Path, name: str, *, optimizer_states: bool = True) -> dict:
+        state = torch.load(folder / f"{name}.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        if optimizer_states:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        return state["client"]

@@ -1,0 +1,366 @@
+"""Offline masks: GroundingDINO + SAM plumbing (tiny random models), the run over shards, resume, Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sharding import masks as M
+from sharding.mask_store import MaskStore
+from sharding.segmenters import (
+    TINY_RANDOM,
+    Box,
+    GroundingDinoDetector,
+    MaskerConfig,
+    MaskResult,
+    SamBoxSegmenter,
+    SkyWatermarkMasker,
+    build_tiny_grounding_dino,
+    build_tiny_hf_sam,
+    build_tiny_sam,
+    load_grounding_dino,
+    load_sam,
+    resolve_sam_checkpoint,
+    sam_modules,
+)
+
+TINY = MaskerConfig(detector=TINY_RANDOM, sam=TINY_RANDOM, device="cpu")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _load_rgb(path: Path, h: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB").resize((2 * h, h), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def panos() -> list[np.ndarray]:
+    """Real panoramas (outdoor, then indoor) at 64 x 128; synthetic ones when the samples are missing."""
+    from conftest import SAMPLES
+
+    files = sorted((SAMPLES / "outdoor").glob("b?.png")) + sorted((SAMPLES / "indoor").glob("*.jpg"))
+    if files:
+        return [_load_rgb(f, 64) for f in files[:8]]
+    from conftest import smooth_panorama
+
+    return [(smooth_panorama(64, 128, seed=i) * 255).astype(np.uint8) for i in range(8)]
+
+
+def _sample(key: str, rgb: np.ndarray, mask: np.ndarray | None = None, fmt: str = "jpg") -> dict:
+    s = {"__key__": key, f"rgb.{fmt}": _encode(rgb, "JPEG" if fmt == "jpg" else "PNG"),
+         "meta.json": json.dumps({"key": key, "height": rgb.shape[0], "width": rgb.shape[1]}).encode()}
+    if mask is not None:
+        s["mask.png"] = _encode(np.where(mask, 255, 0).astype(np.uint8), "PNG")
+    return s
+
+
+def _write_shard(path: Path, samples: list[dict]) -> str:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+    return str(path)
+
+
+class FakeMasker:
+    """Stands in for the models: everything valid except the top ``rows`` rows (the "sky")."""
+
+    def __init__(self, rows: int = 8):
+        self.rows, self.calls = rows, 0
+
+    def __call__(self, rgb):
+        self.calls += 1
+        valid = np.ones(rgb.shape[:2], bool)
+        valid[: self.rows] = False
+        return MaskResult(valid, [Box(0, 0, rgb.shape[1], self.rows, 0.9, "sky")])
+
+
+# ------------------------------------------------------------------------------------ models
+def test_sam_model_code_imports_without_the_package_init():
+    modeling, build_sam = sam_modules()
+    assert "segment_anything" not in sys.modules  # the package __init__ (torchvision) never ran
+    assert "torchvision" not in sys.modules
+    assert modeling.Sam.__module__.endswith(".modeling.sam") and hasattr(build_sam, "build_sam_vit_b")
+    sam = build_tiny_sam(seed=0)
+    assert isinstance(sam, modeling.Sam) and sam.image_encoder.img_size == 128
+    again = build_tiny_sam(seed=0)
+    for a, b in zip(sam.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)  # seeded: replicas build identical models
+
+
+def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("PANO_SAM_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_sam_checkpoint("sam_vit_b_01ec64.pth")
+    msg = str(err.value)
+    assert "dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in msg and str(tmp_path) in msg
+    bad = tmp_path / "sam_vit_b_01ec64.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert resolve_sam_checkpoint("sam_vit_b_01ec64.pth") == bad  # found through PANO_SAM_DIR
+    with pytest.raises(ValueError, match="sam_vit_b_01ec64.pth"):
+        load_sam("sam_vit_b_01ec64.pth")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="grounding-dino-nowhere.*--local-dir"):
+        load_grounding_dino(str(tmp_path / "grounding-dino-nowhere"))
+    # a run whose models cannot be built stops at once with the reason (not one failure per panorama)
+    url = _write_shard(tmp_path / "w-000000.tar", [_sample(f"w{i}", np.zeros((64, 128, 3), np.uint8)) for i in range(3)])
+    cfg = MaskerConfig(detector=TINY_RANDOM, sam=str(tmp_path / "sam_vit_b_missing.pth"))
+    with pytest.raises(M.ModelLoadError, match="sam_vit_b_missing.pth"):
+        M.run_masks([url], tmp_path / "w.lmdb", cfg, progress=False)
+    assert len(MaskStore(tmp_path / "w.lmdb")) == 0
+    assert M.main(["--shards", url, "--store", str(tmp_path / "w.lmdb"), "--sam", str(tmp_path / "nope_vit_b.pth"),
+                   "--detector", TINY_RANDOM, "--no-progress"]) == 2
+
+
+def test_detector_thresholds_and_prompt_assignment():
+    model, tok = build_tiny_grounding_dino(seed=0)
+    det = GroundingDinoDetector(model, tok, ("sky", "watermark"), box_threshold=0.3, text_threshold=0.25)
+    ids = det.input_ids[0].tolist()
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "sky", ".", "watermark", ".", "[SEP]"]
+    assert ids[0] == 101 and ids[2] == 1012 and ids[-1] == 102  # GroundingDINO's hard-coded BERT ids
+    (a0, a1), (b0, b1) = det.spans
+    probs = torch.zeros(5, 32)
+    probs[0, a0] = 0.9  # sky
+    probs[1, b0] = 0.5  # watermark
+    probs[2, 2] = 0.8  # only the "." token: passes the box threshold, no prompt passes the text threshold
+    probs[3, a0] = 0.29  # below the box threshold
+    probs[4, [a0, b0]] = torch.tensor([0.31, 0.2])  # box passes; sky is its best prompt
+    boxes = torch.tensor([[0.5, 0.1, 1.0, 0.2], [0.5, 0.95, 0.2, 0.1], [0.5, 0.5, 0.2, 0.2],
+                          [0.5, 0.5, 0.2, 0.2], [0.25, 0.5, 0.1, 0.2]])
+    got = det.select(probs, boxes, (100, 200))
+    assert [(b.label, round(b.score, 2)) for b in got] == [("sky", 0.9), ("watermark", 0.5), ("sky", 0.31)]
+    assert got[0].as_list() == pytest.approx([0, 0, 200, 20])
+    assert got[1].as_list() == pytest.approx([80, 90, 120, 100])
+    det.max_boxes = 1
+    assert len(det.select(probs, boxes, (100, 200))) == 1
+
+
+def test_tokenizer_from_a_local_vocab_file(tmp_path, panos):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "sky", "water", "##mark", "logo"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    model, tok = build_tiny_grounding_dino(seed=1, vocab_file=tmp_path / "vocab.txt")
+    det = GroundingDinoDetector(model, tok, ("sky", "watermark"), detect_height=64)
+    assert det.input_ids[0].tolist() == [2, 6, 5, 7, 8, 5, 3]
+    assert det.spans == [(1, 2), (3, 5)]
+    boxes = det.detect(panos[0])
+    assert all(0 <= b.x0 < b.x1 <= 128 and 0 <= b.y0 < b.y1 <= 64 for b in boxes)
+    assert all(b.label in ("sky", "watermark") and b.score > 0.3 for b in boxes)
+    with pytest.raises(ValueError, match="'zebra'"):
+        GroundingDinoDetector(model, tok, ("zebra",))
+
+
+def test_tiny_pipeline_end_to_end_on_a_real_panorama(samples_dir):
+    rgb = _load_rgb(samples_dir / "outdoor" / "b0.png", 128)
+    masker = SkyWatermarkMasker.from_config(TINY)
+    res = masker(rgb)
+    assert res.valid.dtype == bool and res.valid.shape == (128, 256)
+    assert 0.0 <= res.valid_fraction <= 1.0
+    for b in res.boxes:  # whatever random weights find, the invalid region stays inside the boxes
+        assert 0 <= b.x0 < b.x1 <= 256 and 0 <= b.y0 < b.y1 <= 128
+    inside = np.zeros_like(res.valid)
+    for b in res.boxes:
+        inside[int(b.y0): int(np.ceil(b.y1)), int(b.x0): int(np.ceil(b.x1))] = True
+    assert not (~res.valid & ~inside).any()
+    # CHW float input (as sharding.stream yields it) gives the same mask
+    chw = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    np.testing.assert_array_equal(SkyWatermarkMasker.from_config(TINY)(chw).valid, res.valid)
+
+
+def test_known_box_gives_an_invalid_region_inside_it(panos, monkeypatch):
+    rgb = panos[1]  # 64 x 128
+    masker = SkyWatermarkMasker.from_config(TINY)
+    box = Box(40, 10, 100, 30, 0.9, "sky")
+    monkeypatch.setattr(masker.detector, "detect", lambda img: [box])
+    res = masker(rgb)
+    invalid = ~res.valid
+    assert not invalid[:10].any() and not invalid[30:].any()
+    assert not invalid[:, :40].any() and not invalid[:, 100:].any()
+    assert res.valid_fraction == pytest.approx(1 - invalid.sum() / invalid.size)
+
+    # a SAM that segments everything: the invalid region is exactly the box; two boxes: their union
+    backend = masker.segmenter.backend
+    monkeypatch.setattr(backend, "low_res_logits", lambda emb, boxes: torch.ones(len(boxes), 1, 32, 32))
+    res = masker(rgb)
+    expect = np.zeros((64, 128), bool)
+    expect[10:30, 40:100] = True
+    np.testing.assert_array_equal(~res.valid, expect)
+    assert res.valid_fraction == pytest.approx(1 - 20 * 60 / (64 * 128))
+    wm = Box(90, 50, 128, 64, 0.5, "watermark")
+    monkeypatch.setattr(masker.detector, "detect", lambda img: [box, wm])
+    expect[50:64, 90:128] = True
+    res = masker(rgb)
+    np.testing.assert_array_equal(~res.valid, expect)
+    assert res.valid_fraction == pytest.approx(1 - (20 * 60 + 14 * 38) / (64 * 128))
+    # no box: everything valid
+    monkeypatch.setattr(masker.detector, "detect", lambda img: [])
+    assert masker(rgb).valid.all()
+
+
+def test_transformers_sam_backend_stays_inside_its_box(panos):
+    seg = SamBoxSegmenter(build_tiny_hf_sam(seed=0))
+    x, (h, w), (sx, sy) = seg.preprocess(panos[0])
+    assert x.shape == (1, 3, 128, 128) and (h, w) == (64, 128) and sx == sy == 1.0
+    union = seg.segment(panos[0], [Box(20, 5, 70, 40, 1.0, "sky")])
+    assert union.shape == (64, 128)
+    assert not union[:5].any() and not union[40:].any() and not union[:, :20].any() and not union[:, 70:].any()
+
+
+# ------------------------------------------------------------------------------------ the run
+def test_resume_after_an_interrupted_run(tmp_path, panos):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "all-000000.tar", [_sample(f"p{i}", panos[i]) for i in range(3)])
+    _write_shard(shards / "all-000001.tar", [_sample(f"p{i}", panos[i], fmt="png") for i in range(3, 5)])
+    store = str(tmp_path / "masks.lmdb")
+    common = ["--shards", str(shards), "--store", store, "--tiny-random", "--no-progress", "--device", "cpu"]
+
+    assert M.main(common + ["--limit", "2", "--summary-json", str(tmp_path / "s1.json")]) == 0
+    s1 = json.loads((tmp_path / "s1.json").read_text())
+    assert (s1["processed"], s1["skipped_stored"], s1["stopped_at_limit"]) == (2, 0, True)
+    assert sorted(MaskStore(store).keys()) == ["p0", "p1"]
+
+    assert M.main(common + ["--summary-json", str(tmp_path / "s2.json")]) == 0
+    s2 = json.loads((tmp_path / "s2.json").read_text())
+    assert (s2["processed"], s2["skipped_stored"], s2["failed"]) == (3, 2, [])
+
+    s3 = M.run_masks([str(shards)], store, TINY, progress=False)
+    assert (s3.processed, s3.skipped_stored) == (0, 5)
+    ms = MaskStore(store, readonly=True)
+    assert sorted(ms.keys()) == [f"p{i}" for i in range(5)]
+    assert all(ms.get(f"p{i}").shape == (64, 128) and ms.source(f"p{i}") == "model" for i in range(5))
+    meta = ms.metadata
+    assert meta["detector"] == TINY_RANDOM and meta["box_threshold"] == 0.3 and meta["text_threshold"] == 0.25
+    assert meta["prompts"] == ["sky", "watermark"] and meta["min_valid"] == 0.2
+
+
+def test_corrupt_samples_and_truncated_shards_are_named_not_fatal(tmp_path, panos):
+    good = [_sample(f"ok{i}", panos[i]) for i in range(3)]
+    bad_jpeg = {"__key__": "bad_jpeg", "rgb.jpg": b"\xff\xd8 garbage", "meta.json": b"{}"}
+    no_rgb = {"__key__": "no_rgb", "meta.json": b"{}"}
+    bad_mask = _sample("bad_mask", panos[3])
+    bad_mask["mask.png"] = b"not a png"
+    a = _write_shard(tmp_path / "a-000000.tar", [good[0], bad_jpeg, no_rgb, bad_mask, good[1]])
+    b = _write_shard(tmp_path / "a-000001.tar", [good[2]] + [_sample(f"late{i}", panos[4 + i]) for i in range(3)])
+    with tarfile.open(b) as tf:  # cut inside the image data of late1
+        cut = next(ti for ti in tf if ti.name == "late1.rgb.jpg").offset_data + 100
+    data = Path(b).read_bytes()
+    Path(b).write_bytes(data[:cut])
+    c = tmp_path / "a-000002.tar"
+    c.write_bytes(b"this is not a tar file at all" * 40)
+    fake = FakeMasker(rows=8)
+    summary = M.run_masks([a, b, str(c)], tmp_path / "m.lmdb", TINY, masker=fake, progress=False)
+    failed = dict(summary.failed)
+    assert "cannot decode bad_jpeg.rgb.jpg" in failed["bad_jpeg"]
+    assert "no rgb" in failed["no_rgb"] and "mask.png" in failed["bad_mask"]
+    assert "truncated_shard" in failed[b] and "late1" in failed[b]
+    assert "truncated_shard" in failed[str(c)]
+    store = MaskStore(tmp_path / "m.lmdb")
+    assert sorted(store.keys()) == ["late0", "ok0", "ok1", "ok2"]
+    assert summary.processed == 4 and len(summary.failed) == 5
+
+    # a shard cut between two samples ends "cleanly": its manifest count tells
+    d = tmp_path / "cut"
+    d.mkdir()
+    e = _write_shard(d / "all-000000.tar", [_sample(f"c{i}", panos[i]) for i in range(3)])
+    with tarfile.open(e) as tf:
+        cut = next(ti for ti in tf if ti.name.startswith("c2.")).offset
+    Path(e).write_bytes(Path(e).read_bytes()[:cut])
+    (d / "manifest.json").write_text(json.dumps({"splits": {"all": {"count": 3, "shards": [
+        {"path": "all-000000.tar", "count": 3, "sha256": ""}]}}}))
+    s2 = M.run_masks([str(d)], tmp_path / "m.lmdb", TINY, masker=fake, progress=False)
+    assert s2.processed == 2 and "2 of 3 samples" in dict(s2.failed)[e]
+    assert store.valid_fraction("ok0") == pytest.approx(1 - 8 / 64)
+    text = summary.format(store)
+    assert "bad_jpeg" in text and "failed" in text and "processed" in text
+
+
+def test_shard_masks_rejection_and_metadata(tmp_path, panos):
+    shard_mask = np.ones((64, 128), bool)
+    shard_mask[:, :16] = False
+    url = _write_shard(tmp_path / "x-000000.tar", [
+        _sample("with_mask", panos[0], mask=shard_mask), _sample("plain", panos[1], fmt="png")])
+    fake = FakeMasker(rows=8)
+
+    s = M.run_masks([url], tmp_path / "prefer.lmdb", TINY, masker=fake, progress=False)
+    store = MaskStore(tmp_path / "prefer.lmdb")
+    np.testing.assert_array_equal(store.get("with_mask"), shard_mask)  # taken as is, models not run
+    assert store.source("with_mask") == "imported" and store.source("plain") == "model"
+    assert fake.calls == 1 and s.by_source == {"imported": 1, "model": 1}
+
+    M.run_masks([url], tmp_path / "combine.lmdb", TINY, masker=fake, shard_mask="combine", progress=False)
+    store = MaskStore(tmp_path / "combine.lmdb")
+    expect = shard_mask.copy()
+    expect[:8] = False
+    np.testing.assert_array_equal(store.get("with_mask"), expect)
+    assert store.source("with_mask") == "combined"
+    assert store.valid_fraction("with_mask") == pytest.approx(expect.mean())
+
+    # under 20 % valid: recorded as rejected (and still stored)
+    s = M.run_masks([url], tmp_path / "rej.lmdb", TINY, masker=FakeMasker(rows=56), shard_mask="ignore",
+                    progress=False)
+    store = MaskStore(tmp_path / "rej.lmdb")
+    assert s.rejected == 2 and store.rejected() == ["plain", "with_mask"] and len(store) == 2
+
+    # other settings into the same store: the differing fields are listed, nothing is written
+    other = MaskerConfig(detector=TINY_RANDOM, sam=TINY_RANDOM, box_threshold=0.35)
+    with pytest.raises(ValueError, match=r"box_threshold: store has 0\.3, expected 0\.35") as err:
+        M.run_masks([url], tmp_path / "rej.lmdb", other, masker=fake, shard_mask="ignore", overwrite=True,
+                    progress=False)
+    assert "text_threshold" not in str(err.value)
+    assert M.main(["--shards", url, "--store", str(tmp_path / "rej.lmdb"), "--tiny-random",
+                   "--shard-mask", "ignore", "--box-threshold", "0.35", "--no-progress"]) == 2
+    s = M.run_masks([url], tmp_path / "rej.lmdb", other, masker=fake, shard_mask="ignore", overwrite=True,
+                    allow_mismatch=True, progress=False)
+    assert s.processed == 2 and MaskStore(tmp_path / "rej.lmdb").metadata["mixed_settings"] is True
+
+
+def test_import_cli_on_the_real_sample_masks(tmp_path, samples_dir):
+    from PIL import Image
+
+    store = str(tmp_path / "m.lmdb")
+    args = ["--store", store, "--import-masks", str(samples_dir / "outdoor"), "--key-prefix", "folder-",
+            "--no-progress", "--summary-json", str(tmp_path / "s.json")]
+    assert M.main(args) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    ms = MaskStore(store, readonly=True)
+    pngs = sorted((samples_dir / "outdoor").glob("*_valid.png"))
+    assert s["processed"] == len(pngs) == len(ms) and s["rejected"] == 0
+    for png in pngs:
+        key = "folder-" + png.stem[: -len("_valid")]
+        ref = np.asarray(Image.open(png))[..., 0] == 255
+        assert ms.valid_fraction(key) == pytest.approx(ref.mean(), abs=1e-12)
+        assert ms.source(key) == "imported"
+    assert M.main(args) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["skipped_stored"] == len(pngs)
+
+
+def test_ray_two_replicas_match_the_local_run(tmp_path, panos):
+    url = _write_shard(tmp_path / "r-000000.tar", [_sample(f"r{i}", panos[i]) for i in range(3)])
+    s = M.run_masks([url], tmp_path / "ray.lmdb", TINY, use_ray=True, replicas=2, progress=False)
+    assert (s.processed, s.failed) == (3, [])
+    local = M.run_masks([url], tmp_path / "local.lmdb", TINY, progress=False)
+    assert local.processed == 3
+    a, b = MaskStore(tmp_path / "ray.lmdb"), MaskStore(tmp_path / "local.lmdb")
+    for i in range(3):  # same seeded tiny models in the actors: (nearly) the same masks
+        ma, mb = a.get(f"r{i}"), b.get(f"r{i}")
+        assert ma.shape == mb.shape == (64, 128)
+        assert (ma == mb).mean() > 0.99
+    assert a.metadata == b.metadata
