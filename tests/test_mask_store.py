@@ -266,13 +266,15 @@ def test_four_reader_processes_while_a_writer_appends(tmp_path):
         queues.append(q)
         readies.append(ready)
     assert [r.get(timeout=60) for r in readies] == [1, 1, 1, 1]
-    big = np.random.default_rng(5).random((200, 401)) < 0.5
+    big = np.random.default_rng(5).random((400, 801)) < 0.5  # ~40 KB packed, incompressible
     for i in range(1, n):
         store.put(f"k{i:04d}", _mask(i))
         time.sleep(0.002)
         if i % 40 == 0:
-            store.put("zz_big", big)  # ~10 KB entries to force map growth
-            store.delete("zz_big")
+            # Kept, not deleted: seven of them (~280 KB) cannot fit in the 128 KiB map whatever pages LMDB
+            # manages to reuse, so the map must grow while the readers hold it (on a fast machine a
+            # put-then-delete pair could be absorbed by freed pages and never trigger growth).
+            store.put(f"zz_big{i}", big)
     results = [q.get(timeout=90) for q in queues]
     for p in procs:
         p.join(30)
