@@ -51,7 +51,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,12 +61,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import _child  # noqa: E402  (bench/, first on sys.path when run as a script)
+from _child import log  # noqa: E402
+
 BASE_CONFIG = "configs/domain_adaptation.yaml"
 ROWS = ("depth", "+ normal", "+ adversarial", "+ pseudo labels")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def common_overrides(args) -> list[str]:
@@ -143,59 +143,19 @@ def row_overrides(row: str, args, teacher: list[str]) -> list[str]:
     raise ValueError(row)
 
 
-def child_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "losses" in rec:
-            out.append(rec)
-    return out
-
-
 def train(name: str, overrides: list[str], run_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "student.train", "--config", BASE_CONFIG, *overrides]
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run, never a resume
-    run_dir.mkdir(parents=True)
-    log(f"train {name}: {shlex.join(['python', *cmd[1:]])}")
-    t0 = time.perf_counter()
-    stdout = run_dir.parent / f"{run_dir.name}.stdout.log"
-    with open(stdout, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
-        seen = 0
-        while proc.poll() is None:
-            time.sleep(10)
-            recs = read_records(run_dir)
-            for r in recs[seen:]:
-                parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in r["losses"].items()
-                                 if k.startswith("loss_"))
-                log(f"  {name} step {r['step']:4d}  {parts}  ({r['step_time']:.2f} s/step)")
-            seen = len(recs)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"training run {name} failed (exit {proc.returncode}):\n{stdout.read_text()[-3000:]}")
-    recs = read_records(run_dir)
-    ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
-    teacher_line = next((ln for ln in stdout.read_text().splitlines() if "teacher" in ln and "INFO" in ln), "")
-    log(f"train {name}: done in {wall:.0f} s")
-    return {"command": shlex.join(["python", *cmd[1:]]), "wall_s": wall,
+    def describe(r: dict) -> str:
+        parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in r["losses"].items() if k.startswith("loss_"))
+        return f"step {r['step']:4d}  {parts}  ({r['step_time']:.2f} s/step)"
+
+    run = _child.train(name, BASE_CONFIG, overrides, run_dir, describe, env=_child.child_env(HF_HUB_OFFLINE="1"))
+    recs = run.records
+    teacher_line = next((ln for ln in run.stdout.read_text().splitlines() if "teacher" in ln and "INFO" in ln), "")
+    return {"command": run.command, "wall_s": run.wall_s,
             "median_step_s": statistics.median([r["step_time"] for r in recs]) if recs else None,
             "last_losses": recs[-1]["losses"] if recs else {},
             "loss_curve": [[r["step"], r["losses"]] for r in recs],
-            "eval_json_abs_rel": ev.get("metrics", {}).get("abs_rel"), "teacher_log": teacher_line}
+            "eval_json_abs_rel": run.eval.get("metrics", {}).get("abs_rel"), "teacher_log": teacher_line}
 
 
 def machine() -> dict:

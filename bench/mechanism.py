@@ -62,7 +62,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,12 +72,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import _child  # noqa: E402  (bench/, first on sys.path when run as a script)
+from _child import log  # noqa: E402
+
 BASE_CONFIG = "configs/tiny.yaml"
 FACE_SIDE, FACE_CAP = 0, 1
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -105,56 +105,17 @@ def run_overrides(args, out_dir: Path, seed: int, augment: bool, rotation: bool)
                                      f"distill.rotation={str(rotation).lower()}"]
 
 
-def child_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "losses" in rec:
-            out.append(rec)
-    return out
-
-
 def train(name: str, overrides: list[str], run_dir: Path) -> dict:
     """One training run as a child process, its progress echoed from metrics.jsonl."""
-    cmd = [sys.executable, "-m", "student.train", "--config", BASE_CONFIG, *overrides]
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run, never a resume
-    run_dir.mkdir(parents=True)
-    log(f"train {name}: {shlex.join(['python', *cmd[1:]])}")
-    t0 = time.perf_counter()
-    with open(run_dir.parent / f"{run_dir.name}.stdout.log", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
-        seen = 0
-        while proc.poll() is None:
-            time.sleep(10)
-            recs = read_records(run_dir)
-            for r in recs[seen:]:
-                log(f"  {name} step {r['step']:5d}  loss {r['losses'].get('loss', math.nan):.4f}  "
-                    f"{r['step_time']:.3f} s/step")
-            seen = len(recs)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (run_dir.parent / f"{run_dir.name}.stdout.log").read_text()[-3000:]
-        raise RuntimeError(f"training run {name} failed (exit {proc.returncode}):\n{tail}")
-    recs = read_records(run_dir)
-    ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
-    log(f"train {name}: done in {wall:.0f} s, final loss {recs[-1]['losses']['loss']:.4f}")
-    return {"command": shlex.join(["python", *cmd[1:]]), "wall_s": wall,
+    run = _child.train(name, BASE_CONFIG, overrides, run_dir,
+                       lambda r: f"step {r['step']:5d}  loss {r['losses'].get('loss', math.nan):.4f}  "
+                                 f"{r['step_time']:.3f} s/step")
+    recs = run.records
+    log(f"train {name}: final loss {recs[-1]['losses']['loss']:.4f}")
+    return {"command": run.command, "wall_s": run.wall_s,
             "loss_curve": [[r["step"], r["losses"]["loss"]] for r in recs],
             "median_step_s": statistics.median([r["step_time"] for r in recs]) if recs else None,
-            "eval_json_abs_rel": ev.get("metrics", {}).get("abs_rel")}
+            "eval_json_abs_rel": run.eval.get("metrics", {}).get("abs_rel")}
 
 
 # --------------------------------------------------------------------------------------- the metrics
@@ -530,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     seed0 = args.seeds[0]
     aug0 = "off" if False in augments else "on"
     panels = []
-    for title, key in ((f"untrained", f"untrained s{seed0}"), (f"no rotation", f"aug-{aug0} rot-off s{seed0}"),
-                       (f"rotation", f"aug-{aug0} rot-on s{seed0}")):
+    for title, key in (("untrained", f"untrained s{seed0}"), ("no rotation", f"aug-{aug0} rot-off s{seed0}"),
+                       ("rotation", f"aug-{aug0} rot-on s{seed0}")):
         if idx == 0:
             panels.append((title, firsts[key]))
     if idx != 0:  # recompute the chosen scene's predictions from the saved runs
