@@ -15,7 +15,7 @@ def test_reproduce_runs_end_to_end_at_toy_size(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "reproduce_toy.json").read_text())
     rows = list(result["table"])
-    assert rows == ["teacher on cube faces, merged", "student, labeled only", "+ pseudo labels, no rotation",
+    assert rows == ["teacher on cube faces, merged", "teacher on cube faces, each face fitted to GT", "student, labeled only", "+ pseudo labels, no rotation",
                     "+ pseudo labels, rotation", "+ pseudo labels, rotation, masks"]
     for row in rows:
         for split in ("A", "B"):
