@@ -62,6 +62,7 @@ class Scale:
     steps: int = 600
     batch: int = 8  # 4 labeled + 4 unlabeled
     lr: float = 2e-3
+    schedule: str = "constant"  # optim.schedule of the student runs: constant | cosine
     rotations: int = 4
     teacher_minutes: float = 20.0
     teacher_views: int = 6000
@@ -207,7 +208,7 @@ def student_row(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
                 "data.source=shards", f"data.labeled=[{data['labeled']}]", f"data.unlabeled=[{data['unlabeled']}]",
                 f"data.val=[{data['test_b']}]", f"data.height={s.height}", f"data.batch_size={s.batch}",
                 "data.num_workers=1", f"model.name={s.model}", "model.encoder=", f"optim.steps={s.steps}",
-                f"optim.lr={s.lr}", f"distill.face_size={s.face}", f"teacher.model={teacher}",
+                f"optim.lr={s.lr}", f"optim.schedule={s.schedule}", f"distill.face_size={s.face}", f"teacher.model={teacher}",
                 f"teacher.input_size={size}", "teacher.offline_fallback=false"]
         if opts["pseudo"]:
             args += ["teacher.mode=cached", f"teacher.store={stores['rotated' if opts['rotation'] else 'unrotated']}",
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where reproduce.json/.md go")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="students' lr schedule")
     ap.add_argument("--fresh", action="store_true", help="delete the working folder first")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
                     help=f"student rows to run (default: all of {list(ROWS)})")
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         s.seeds = args.seeds
     if args.steps:
         s.steps = args.steps
+    if args.schedule:
+        s.schedule = args.schedule
     work = Path(args.work or Path("~/.cache/pano-distill/reproduce").expanduser() / ("toy" if args.toy else "full"))
     if args.fresh and work.exists():
         shutil.rmtree(work)

@@ -60,6 +60,7 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         module = module.to(device)
         params = [p for p in module.parameters() if p.requires_grad]
+        self.base_lr = optim.lr if lr is None else lr
         config = deepspeed_config(optim, zero_stage, micro_batch, lr=lr, weight_decay=weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=config)
         self.module = self.engine  # forward through the engine; it is an nn.Module
@@ -73,6 +74,11 @@ class DeepSpeedEngine:
         flag = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() > 0.5)
+
+    def set_lr_factor(self, factor: float) -> None:
+        """As LocalEngine's; DeepSpeed's optimizer (or its ZeRO wrapper) exposes the same param_groups."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * factor
 
     def backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
         self.engine.backward(loss)

@@ -117,6 +117,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     amp: str = "auto"  # auto: bf16 on GPU, off on CPU
+    schedule: str = "constant"  # constant | cosine: lr decays from optim.lr to min_lr_ratio * optim.lr at the last step
+    warmup_steps: int = 0  # linear warm-up from 0 (both schedules)
+    min_lr_ratio: float = 0.1
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
 
 
@@ -176,6 +179,10 @@ class TrainConfig:
         _choice("teacher.mode", self.teacher.mode, ("inprocess", "ray", "cached", "hybrid", "oracle", "none"))
         _choice("eval.protocol", self.eval.protocol, ("median", "lstsq", "none"))
         _choice("optim.amp", self.optim.amp, ("auto", "bf16", "fp16", "off"))
+        _choice("optim.schedule", self.optim.schedule, ("constant", "cosine"))
+        if self.optim.warmup_steps < 0 or not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]; got "
+                             f"{self.optim.warmup_steps} and {self.optim.min_lr_ratio}")
         if self.data.batch_size < 2 or self.data.batch_size % 2:
             raise ValueError(f"data.batch_size must be even and >= 2 (half labeled, half unlabeled), "
                              f"got {self.data.batch_size}")

@@ -36,7 +36,8 @@ class LocalEngine:
         self.module = module.to(device)
         self.device = device
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=optim.lr if lr is None else lr, betas=tuple(optim.betas),
+        self.base_lr = optim.lr if lr is None else lr
+        self.optimizer = torch.optim.Adam(params, lr=self.base_lr, betas=tuple(optim.betas),
                                           weight_decay=optim.weight_decay if weight_decay is None else weight_decay)
         self.grad_clip = optim.grad_clip
         self.amp = amp_dtype(optim.amp, device)
@@ -45,6 +46,11 @@ class LocalEngine:
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         return bool(torch.isfinite(loss))
+
+    def set_lr_factor(self, factor: float) -> None:
+        """The next steps use ``factor`` x the base learning rate (student.schedule)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * factor
 
     def backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the gradient norm before clipping."""

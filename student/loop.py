@@ -32,6 +32,7 @@ from tqdm import tqdm
 from panorama import random_rotations
 from student import checkpoint as ckpt
 from student.config import TrainConfig, dump_yaml
+from student.schedule import lr_factor
 
 log = logging.getLogger("pano_distill.train")
 
@@ -138,6 +139,7 @@ class Trainer:
         out = self.recipe.losses(self.engine.module, batch, labels, gen, step)
         finite = self.engine.all_finite(out.total)  # the one host sync per step: the guard needs it
         if finite:
+            self.engine.set_lr_factor(lr_factor(step, self.cfg.optim))
             self.engine.backward_and_step(out.total)
             self.window.add_losses(self.recipe.after_step(out, batch, step))
             self.window.add_losses(out.parts)
@@ -186,6 +188,7 @@ class Trainer:
             "unlabeled_per_s": w.unlabeled / elapsed,
             "panoramas_per_s": panos / elapsed,
             "step_time": w.step_time / max(w.steps, 1),
+            "lr": self.engine.base_lr * lr_factor(max(self.state.step - 1, 0), self.cfg.optim),
             "wait_data_fraction": w.wait_data / max(w.step_time, 1e-9),
             "wait_teacher_fraction": w.wait_teacher / max(w.step_time, 1e-9),
             "teacher_faces_per_s": (faces - faces0) / elapsed,
