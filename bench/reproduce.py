@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _child import child_env  # noqa: E402  (bench/, first on sys.path when run as a script)
+
 # Seeds of each generated set never overlap (the teacher's perspective views use seeds >= 1,000,000).
 SEEDS = {"labeled": 1_000, "test_a": 5_000, "unlabeled": 10_000, "test_b": 20_000}
 STYLES = {"labeled": "apartment", "test_a": "apartment", "unlabeled": "house", "test_b": "office"}
@@ -83,8 +85,7 @@ def run(cmd: list[str], log_file: Path) -> None:
     with log_file.open("w") as f:
         # One torch thread per child, as in the other benches: with two threads on two shared cores a step
         # ran 15x slower (4 s instead of 0.27 s) while another job used the machine.
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env())
     if proc.returncode != 0:
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); log {log_file}:\n{tail}")
@@ -157,7 +158,8 @@ def face_aligned_teacher_metrics(backend, manifest: str, s: Scale) -> dict:
     """
     import torch
 
-    from panorama import depth_to_disparity, equirect_to_cube, equirect_to_planar_faces, planar_faces_to_equirect
+    from panorama import (depth_to_disparity, disparity_to_depth, equirect_to_cube, equirect_to_planar_faces,
+                          planar_faces_to_equirect)
     from sharding.stream import read_samples
     from student.metrics import MetricAccumulator, per_image_metrics
 
@@ -178,8 +180,7 @@ def face_aligned_teacher_metrics(backend, manifest: str, s: Scale) -> dict:
             coef = torch.linalg.lstsq(a, g[i][ok[i]].double()[:, None]).solution.float()
             fitted[i] = coef[0] * t[i] + coef[1]
         disp = planar_faces_to_equirect(fitted.reshape(1, 6, 1, f, f), h, w, quantity="disparity")
-        pred = torch.where(disp > 0, 1.0 / disp.clamp(min=1e-6), torch.zeros_like(disp))
-        acc.update(per_image_metrics(pred, depth, valid, 10.0, "median", 0))
+        acc.update(per_image_metrics(disparity_to_depth(disp), depth, valid, 10.0, "median", 0))
     return acc.result()
 
 
