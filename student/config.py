@@ -1,77 +1,112 @@
 """Typed run configuration: the single source of truth for a training run.
 
-A run is configured by dataclasses below, a YAML file (``--config``) that overrides their defaults, and
-trailing ``key=value`` arguments that override dotted fields (``train.steps=20 run.out_dir=/tmp/r``).
-Unknown keys and ill-typed values are refused with the offending key named: a typo must not silently
-train the wrong thing. The resolved configuration is written next to every checkpoint.
+A run is configured by the dataclasses below, a YAML file (``--config``) that overrides their defaults, and
+trailing ``key=value`` arguments that override dotted fields (``optim.steps=20 run.out_dir=/tmp/r``).
+Unknown keys, ill-typed values, modes outside their ``Literal`` choices and non-finite numbers are refused
+with the offending key named (a ``ConfigError``: one line, exit code 2): a typo must not silently train
+the wrong thing. Every field carries one line of help in its metadata; ``python -m student.train --help``
+lists them all (``help_text``). The resolved configuration is written next to every checkpoint.
+
+Why our own parser and not OmegaConf structured configs: OmegaConf is not a dependency (one more package
+to pin), it has no ``typing.Literal`` support (modes would become Enums that YAML files spell differently),
+and its errors are multi-line. What we need (merge a mapping into typed dataclasses, coerce scalars,
+name the key) is the ~120 lines of ``_coerce``/``_merge`` below.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from sharding.cli import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key or value is wrong; the message names the key (or file)."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A configuration field with its one line of help (shown by ``python -m student.train --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip().split("\n")[0]})
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/demo"
-    seed: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
-    metrics_port: int = -1  # Prometheus endpoint of the trainer; -1 off, 0 any free port
-    metrics_host: str = "127.0.0.1"
-    progress: bool = True
+    """Run folder, seed, device, logging and checkpoints."""
+
+    out_dir: str = opt("runs/demo", "run folder: config.yaml, metrics.jsonl, checkpoints/, eval.json, train.log")
+    seed: int = opt(0, "seed of weights, data order, rotations and augmentation")
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    log_every: int = opt(10, "steps per metrics.jsonl line (>= 1)")
+    ckpt_every: int = opt(100, "steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = opt(2, "newest step_* folders kept; 0 keeps all")
+    check_every: int = opt(50, "steps between checks that every parameter is finite (>= 1)")
+    metrics_port: int = opt(-1, "Prometheus endpoint of the trainer; -1 off, 0 any free port")
+    metrics_host: str = opt("127.0.0.1", "address the Prometheus endpoint binds")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(False, "also write TensorBoard event files into the run folder")
 
 
 @dataclass
 class GeneratedDataConfig:
     """Generated scenes (sharding.synthetic) sharded once into a cache folder, for demos and CI."""
 
-    labeled: int = 64
-    unlabeled: int = 128
-    val: int = 16
-    labeled_style: str = "apartment"
-    unlabeled_style: str = "house"
-    val_style: str = "apartment"
-    height: int = 256  # rendering resolution; training resolution is data.height
-    windows: bool = True
-    watermark: bool = True  # on unlabeled panoramas, as on real captures
-    samples_per_shard: int = 8
-    seed: int = 0
-    cache_dir: str = "~/.cache/pano-distill/generated"
+    labeled: int = opt(64, "labeled panoramas rendered")
+    unlabeled: int = opt(128, "unlabeled panoramas rendered")
+    val: int = opt(16, "held-out labeled panoramas for evaluation")
+    labeled_style: str = opt("apartment", "scene style of the labeled set")
+    unlabeled_style: str = opt("house", "scene style of the unlabeled set")
+    val_style: str = opt("apartment", "scene style of the validation set")
+    height: int = opt(256, "rendering resolution (training resolution is data.height)")
+    windows: bool = opt(True, "windows onto sky in the scenes")
+    watermark: bool = opt(True, "a watermark at the nadir of unlabeled panoramas, as on real captures")
+    samples_per_shard: int = opt(8, "panoramas per tar shard")
+    seed: int = opt(0, "first scene seed (the three sets never overlap)")
+    cache_dir: str = opt("~/.cache/pano-distill/generated", "where rendered shards are kept between runs")
 
 
 @dataclass
 class DataConfig:
-    source: str = "generated"  # generated | shards
-    labeled: list[str] = field(default_factory=list)  # tar paths/globs/brace patterns or manifest.json
-    unlabeled: list[str] = field(default_factory=list)
-    val: list[str] = field(default_factory=list)
-    labeled_split: str = ""  # split to read from a manifest.json; "" picks its only split, or "train"
-    unlabeled_split: str = ""
-    val_split: str = ""  # "" picks "val", else "test", else the only split
-    height: int = 256  # training resolution; width is 2 * height
-    batch_size: int = 4  # per rank, half labeled and half unlabeled
-    num_workers: int = 2
-    shuffle: int = 64
-    mask_store: str = ""  # LMDB of sky/watermark masks (sharding.masks); "" none
-    generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
+    """Training and validation data."""
+
+    source: Literal["generated", "shards"] = opt("generated", "generated scenes, or the shards named below")
+    labeled: list[str] = opt([], "labeled shards: tar paths, globs, brace patterns or manifest.json")
+    unlabeled: list[str] = opt([], "unlabeled shards (pseudo labels), same forms")
+    val: list[str] = opt([], "validation shards, same forms")
+    labeled_split: str = opt("", "split read from a manifest.json; empty: its only split, or train")
+    unlabeled_split: str = opt("", "split of the unlabeled manifest; empty: as above")
+    val_split: str = opt("", "split of the validation manifest; empty: val, else test, else the only one")
+    allow_pipe: bool = opt(False, "accept pipe:COMMAND shard addresses (runs a shell command per shard)")
+    height: int = opt(256, "training resolution, a multiple of 16; width is 2 * height")
+    batch_size: int = opt(4, "panoramas per step per rank, half labeled and half unlabeled (even)")
+    num_workers: int = opt(2, "data loader processes per rank")
+    shuffle: int = opt(64, "shuffle buffer, in samples")
+    mask_store: str = opt("", "LMDB of sky/watermark masks (sharding.masks); empty: none")
+    generated: GeneratedDataConfig = section(GeneratedDataConfig)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "unifuse"  # unifuse | bifusepp | rectnet (and *_tiny variants for CI)
-    encoder: str = ""  # "" for the model's own default (UniFuse: ResNet-18, BiFuse++: ResNet-34)
-    pretrained: str = ""  # ImageNet encoder weights: local .pth, HF id or folder; "" random init
-    options: dict[str, Any] = field(default_factory=dict)  # further fields of the model's config dataclass
+    """The student network."""
+
+    name: str = opt("unifuse", "unifuse, bifusepp, rectnet, or their *_tiny variants for CI")
+    encoder: str = opt("", "empty: the model's default (UniFuse ResNet-18, BiFuse++ ResNet-34)")
+    pretrained: str = opt("", "ImageNet encoder weights: local .pth, HF id or folder; empty: random init")
+    options: dict[str, Any] = opt({}, "further fields of the model's config dataclass")
 
     @property
     def label(self) -> str:
@@ -80,122 +115,144 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    mode: str = "inprocess"  # inprocess | ray | cached | hybrid | oracle | none
-    model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # HF id, local folder, or tiny-random
-    offline_fallback: bool = True  # weights unreachable: use the best local teacher, announced
-    input_size: int = 518
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    replicas: int = 1
-    gpus_per_replica: float = 0.0
-    cpus_per_replica: float = 1.0
-    max_inflight: int = 2  # requests in flight per replica (backpressure)
-    lookahead: int = 1  # batches requested ahead of the step
-    store: str = ""  # cached pseudo-label LMDB (teacher_server.precompute)
-    hybrid_online_fraction: float = 0.5
-    oracle_affine: bool = True  # oracle: random scale/shift per face, like a relative teacher
-    oracle_noise: float = 0.0
-    metrics_port: int = -1  # first replica's Prometheus port; -1 off
+    """The perspective teacher that answers the cube faces of unlabeled panoramas."""
+
+    mode: Literal["inprocess", "ray", "cached", "hybrid", "oracle", "none"] = opt(
+        "inprocess", "where pseudo labels come from (oracle: exact depth of generated scenes, for measurements)")
+    model: str = opt("depth-anything/Depth-Anything-V2-Small-hf", "HF id, local folder, or tiny-random")
+    offline_fallback: bool = opt(True, "weights unreachable: use the best local teacher, announced")
+    input_size: int = opt(518, "teacher input resolution (a multiple of its ViT patch)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU")
+    replicas: int = opt(1, "teacher actors (mode=ray)")
+    gpus_per_replica: float = opt(0.0, "GPUs per teacher actor")
+    cpus_per_replica: float = opt(1.0, "CPUs per teacher actor")
+    max_inflight: int = opt(2, "requests in flight per replica (backpressure)")
+    lookahead: int = opt(1, "batches requested ahead of the step")
+    store: str = opt("", "precomputed pseudo-label LMDB (teacher_server.precompute), for cached/hybrid")
+    hybrid_online_fraction: float = opt(0.5, "hybrid: fraction of samples labeled online")
+    oracle_affine: bool = opt(True, "oracle: random scale/shift per face, like a relative teacher")
+    oracle_noise: float = opt(0.0, "oracle: relative noise added to its disparity")
+    metrics_port: int = opt(-1, "first replica's Prometheus port; -1 off")
 
 
 @dataclass
 class DistillConfig:
-    face_size: int = 0  # 0: data.height // 2
-    rotation: bool = True  # False: the no-rotation ablation
-    max_deg: list[float] = field(default_factory=lambda: [45.0, 45.0, 45.0])
-    use_masks: bool = True  # sky/watermark masks on the pseudo-label loss
-    labeled_weight: float = 1.0  # 0 with no labeled data: pseudo labels only
-    pseudo_weight: float = 1.0  # 0: labeled only
-    augment: bool = True  # student side only: yaw roll, flip, colour jitter
-    color_jitter: float = 0.2
+    """The distillation loss."""
+
+    face_size: int = opt(0, "cube face size of the pseudo loss; 0: data.height // 2")
+    rotation: bool = opt(True, "random cube rotation per sample; false: the no-rotation ablation")
+    max_deg: list[float] = opt([45.0, 45.0, 45.0], "yaw, pitch, roll limits of the rotation, degrees")
+    use_masks: bool = opt(True, "sky/watermark masks on the pseudo-label loss")
+    labeled_weight: float = opt(1.0, "weight of the labeled loss; 0 with no labeled data")
+    pseudo_weight: float = opt(1.0, "weight of the pseudo-label loss; 0: labeled only")
+    augment: bool = opt(True, "student-side yaw roll, flip and colour jitter")
+    color_jitter: float = opt(0.2, "colour jitter amplitude")
 
 
 @dataclass
 class OptimConfig:
-    steps: int = 1000
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    amp: str = "auto"  # auto: bf16 on GPU, off on CPU
-    schedule: str = "constant"  # constant | cosine: lr decays from optim.lr to min_lr_ratio * optim.lr at the last step
-    warmup_steps: int = 0  # linear warm-up from 0 (both schedules)
-    min_lr_ratio: float = 0.1
-    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    """Optimizer and schedule."""
+
+    steps: int = opt(1000, "optimizer steps of the whole run (>= 1)")
+    lr: float = opt(1e-4, "Adam learning rate")
+    betas: list[float] = opt([0.9, 0.999], "Adam betas")
+    weight_decay: float = opt(0.0, "Adam weight decay")
+    grad_clip: float = opt(1.0, "gradient norm clip; 0: none")
+    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast dtype; auto: bf16 on GPU, off on CPU")
+    schedule: Literal["constant", "cosine"] = opt("constant", "cosine: decay to min_lr_ratio * lr at the last step")
+    warmup_steps: int = opt(0, "linear warm-up from 0 (both schedules)")
+    min_lr_ratio: float = opt(0.1, "cosine: final lr as a fraction of optim.lr, in [0, 1]")
+    max_nonfinite: int = opt(5, "stop after this many non-finite losses in a row")
 
 
 @dataclass
 class EvalConfig:
-    protocol: str = "median"  # median | lstsq | none
-    max_depth: float = 10.0
-    crop: int = 0
-    max_images: int = 0  # 0: all of data.val
-    every: int = 0  # evaluate every N steps during training; 0 only at the end
+    """Evaluation on data.val."""
+
+    protocol: Literal["lstsq", "median"] = opt("lstsq", "alignment of relative predictions to ground truth")
+    max_depth: float = opt(10.0, "metres; ground truth beyond is ignored")
+    crop: int = opt(0, "rows cropped at the top and bottom")
+    max_images: int = opt(0, "0: all of data.val")
+    every: int = opt(0, "evaluate every N steps during training; 0: only at the end")
 
 
 @dataclass
 class ClusterConfig:
-    num_workers: int = 0  # 0: one process; >= 1: Ray Train workers with DeepSpeed
-    address: str = ""  # Ray address; "" local / auto under a Ray job
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0  # < 1 lets workers share a card (benchmarks on one GPU)
-    zero_stage: int = 0
-    max_failures: int = 2
-    teacher_resources: str = ""  # custom resource of teacher nodes, e.g. "teacher_node" (cluster/autoscaler.yaml)
-    student_resources: str = ""  # custom resource of student nodes, e.g. "student_node"
-    metrics_port: int = 8081  # worker r exports on metrics_port + r
-    allow_resize: bool = False  # accept a different worker count than the checkpoint's
+    """Ray Train workers with DeepSpeed."""
+
+    num_workers: int = opt(0, "0: one process; >= 1: Ray Train workers with DeepSpeed")
+    address: str = opt("", "Ray address; empty: local, or auto under a Ray job")
+    use_gpu: bool = opt(False, "workers use GPUs")
+    cpus_per_worker: float = opt(1.0, "CPUs per worker")
+    gpus_per_worker: float = opt(1.0, "GPUs per worker; < 1 lets workers share a card")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage: 0, 1 or 2")
+    max_failures: int = opt(2, "worker failures tolerated (restart from the last checkpoint)")
+    teacher_resources: str = opt("", "custom resource of teacher nodes, e.g. teacher_node")
+    student_resources: str = opt("", "custom resource of student nodes, e.g. student_node")
+    metrics_port: int = opt(8081, "worker r exports Prometheus metrics on metrics_port + r; -1 off")
+    allow_resize: bool = opt(False, "accept a different worker count than the checkpoint's")
 
 
 @dataclass
 class AdversarialConfig:
     """Lee et al. 2020: synthetic-to-real adaptation with smoothness, normal and adversarial losses."""
 
-    enabled: bool = False
-    pretrain_steps: int = 100  # depth-only phase before the adversarial phase
-    depth_weight: float = 1.0  # beta_depth
-    smooth_weight: float = 0.2  # beta_smooth
-    normal_weight: float = 0.4  # beta_normal
-    adv_weight: float = 1e-3  # alpha
-    disc_lr: float = 1e-4
-    disc_weight_decay: float = 1e-4  # gamma
-    disc_encoder: str = "resnet18"
+    enabled: bool = opt(False, "use this recipe instead of distillation")
+    pretrain_steps: int = opt(100, "depth-only phase before the adversarial phase")
+    depth_weight: float = opt(1.0, "beta_depth")
+    smooth_weight: float = opt(0.2, "beta_smooth")
+    normal_weight: float = opt(0.4, "beta_normal")
+    adv_weight: float = opt(1e-3, "alpha")
+    disc_lr: float = opt(1e-4, "discriminator learning rate")
+    disc_weight_decay: float = opt(1e-4, "gamma")
+    disc_encoder: str = opt("resnet18", "discriminator encoder")
 
 
 @dataclass
 class TrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    run: RunConfig = section(RunConfig)
+    data: DataConfig = section(DataConfig)
+    model: ModelConfig = section(ModelConfig)
+    teacher: TeacherConfig = section(TeacherConfig)
+    distill: DistillConfig = section(DistillConfig)
+    optim: OptimConfig = section(OptimConfig)
+    eval: EvalConfig = section(EvalConfig)
+    cluster: ClusterConfig = section(ClusterConfig)
+    adversarial: AdversarialConfig = section(AdversarialConfig)
 
     def validate(self) -> "TrainConfig":
-        _choice("data.source", self.data.source, ("generated", "shards"))
-        _choice("teacher.mode", self.teacher.mode, ("inprocess", "ray", "cached", "hybrid", "oracle", "none"))
-        _choice("eval.protocol", self.eval.protocol, ("median", "lstsq", "none"))
-        _choice("optim.amp", self.optim.amp, ("auto", "bf16", "fp16", "off"))
-        _choice("optim.schedule", self.optim.schedule, ("constant", "cosine"))
-        if self.optim.warmup_steps < 0 or not 0.0 <= self.optim.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]; got "
-                             f"{self.optim.warmup_steps} and {self.optim.min_lr_ratio}")
+        """Checks across fields and ranges (types and modes were checked when parsing)."""
+        at_least = {"optim.steps": (self.optim.steps, 1), "run.log_every": (self.run.log_every, 1),
+                    "run.check_every": (self.run.check_every, 1), "data.height": (self.data.height, 16),
+                    "distill.face_size": (self.distill.face_size, 0), "run.ckpt_every": (self.run.ckpt_every, 0),
+                    "optim.warmup_steps": (self.optim.warmup_steps, 0), "optim.max_nonfinite": (self.optim.max_nonfinite, 1),
+                    "data.num_workers": (self.data.num_workers, 0), "teacher.input_size": (self.teacher.input_size, 1),
+                    "cluster.num_workers": (self.cluster.num_workers, 0)}
+        for key, (value, low) in at_least.items():
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+        if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         if self.data.batch_size < 2 or self.data.batch_size % 2:
-            raise ValueError(f"data.batch_size must be even and >= 2 (half labeled, half unlabeled), "
-                             f"got {self.data.batch_size}")
+            raise ConfigError(f"data.batch_size must be even and >= 2 (half labeled, half unlabeled), "
+                              f"got {self.data.batch_size}")
         if self.data.height % 16:
-            raise ValueError(f"data.height must be a multiple of 16, got {self.data.height}")
+            raise ConfigError(f"data.height must be a multiple of 16, got {self.data.height}")
+        for key, port, span in (("run.metrics_port", self.run.metrics_port, 1),
+                                ("teacher.metrics_port", self.teacher.metrics_port, self.teacher.replicas),
+                                ("cluster.metrics_port", self.cluster.metrics_port, self.cluster.num_workers)):
+            if port != -1 and not 0 <= port <= 65535 - max(span - 1, 0):
+                raise ConfigError(f"{key} must be -1 (off) or a port in 0-65535 (for every replica/worker), "
+                                  f"got {port}")
         if self.data.source == "shards" and not self.data.labeled and self.distill.labeled_weight > 0:
-            raise ValueError("data.source=shards needs data.labeled shards (or distill.labeled_weight=0)")
+            raise ConfigError("data.source=shards needs data.labeled shards (or distill.labeled_weight=0)")
         if len(self.distill.max_deg) != 3:
-            raise ValueError(f"distill.max_deg must hold yaw, pitch, roll limits, got {self.distill.max_deg}")
+            raise ConfigError(f"distill.max_deg must hold yaw, pitch, roll limits, got {self.distill.max_deg}")
         if self.teacher.mode in ("cached", "hybrid") and not self.teacher.store:
-            raise ValueError(f"teacher.mode={self.teacher.mode} needs teacher.store (a precomputed LMDB)")
+            raise ConfigError(f"teacher.mode={self.teacher.mode} needs teacher.store (a precomputed LMDB)")
         if self.cluster.zero_stage not in (0, 1, 2):
-            raise ValueError(f"cluster.zero_stage must be 0, 1 or 2, got {self.cluster.zero_stage}")
+            raise ConfigError(f"cluster.zero_stage must be 0, 1 or 2, got {self.cluster.zero_stage}")
+        _check_model(self.model)
         return self
 
     @property
@@ -203,9 +260,16 @@ class TrainConfig:
         return self.distill.face_size or self.data.height // 2
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+def _check_model(model: ModelConfig) -> None:
+    """``model.name``/``encoder``/``options`` as the registry would build them, before anything is written."""
+    from student.models import MODEL_NAMES, model_config
+
+    if model.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}; got {model.name!r}")
+    try:
+        model_config(model.name, encoder=model.encoder, **model.options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.encoder/model.options: {err}") from err
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -215,20 +279,25 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return _merge(tp(), value, key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         last = None
         for arg in typing.get_args(tp):
             try:
                 return _coerce(key, value, arg)
-            except ValueError as err:
+            except ConfigError as err:
                 last = err
         raise last  # type: ignore[misc]
     if tp is type(None):
         if value is None:
             return None
-        raise ValueError(f"{key} must be null, got {value!r}")
+        raise ConfigError(f"{key} must be null, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -236,31 +305,36 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{key} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if value is None:
             return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{key} must be a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
@@ -269,9 +343,11 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in values.items():
         if k not in names:
-            raise ValueError(f"unknown config key {prefix}{k!s}; known keys here: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown config key {prefix}{k!s}; known keys here: {', '.join(sorted(names))}")
         current = getattr(obj, k)
-        if dataclasses.is_dataclass(current) and isinstance(v, dict):
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{prefix}{k} is a section; set its keys, e.g. {prefix}{k}.<key>=value")
             _merge(current, v, f"{prefix}{k}.")
         else:
             setattr(obj, k, _coerce(prefix + k, v, hints[k]))
@@ -281,9 +357,12 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> Any:
 def parse_override(arg: str) -> dict:
     """``a.b.c=value`` -> nested dict; the value is read as YAML (numbers, booleans, lists)."""
     if "=" not in arg:
-        raise ValueError(f"override {arg!r} must look like key=value (e.g. optim.steps=20)")
+        raise ConfigError(f"override {arg!r} must look like key=value (e.g. optim.steps=20)")
     key, raw = arg.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: cannot read {raw!r} as a YAML value ({_yaml_problem(err)})") from err
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -293,17 +372,29 @@ def parse_override(arg: str) -> dict:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(err, "problem", None) or err).split("\n")[0]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated."""
+    """Defaults <- YAML file <- ``key=value`` overrides, validated; a ``ConfigError`` names what is wrong."""
     cfg = TrainConfig()
     if path:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} not found")
-        data = yaml.safe_load(p.read_text()) or {}
+            raise ConfigError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(err)}") from err
         if not isinstance(data, dict):
-            raise ValueError(f"{p} must hold a mapping of config sections, got {type(data).__name__}")
-        _merge(cfg, data)
+            raise ConfigError(f"{p} must hold a mapping of config sections, got {type(data).__name__}")
+        try:
+            _merge(cfg, data)
+        except ConfigError as err:
+            raise ConfigError(f"{p}: {err}") from err
     for arg in overrides:
         _merge(cfg, parse_override(arg))
     return cfg.validate()
@@ -319,3 +410,32 @@ def from_dict(values: dict) -> TrainConfig:
 
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def iter_fields(cls: type = TrainConfig, prefix: str = ""):
+    """(dotted key, type, default, help) of every leaf field, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, tp, getattr(default, f.name), f.metadata.get("help", "")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text() -> str:
+    """Every configuration key with its type, default and help, for ``--help``."""
+    lines = []
+    for key, tp, default, help in iter_fields():
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {key} ({_type_name(tp)}, default {shown or repr(default)}): {help}")
+    return "\n".join(lines)
