@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from teacher_server.perspective_data import (MAX_TRAIN_VIEWS, TRAIN_SEED_BASE, VAL_SEED_BASE,
-                                             load_views, photometric_augment, render_view)
-from teacher_server.train_perspective import (ARCHS, arch_multiple, build_model, ensure_output_spread,
-                                              evaluate_disparity, main, predict, train_loop)
+from student.perspective_teacher.data import (MAX_TRAIN_VIEWS, TRAIN_SEED_BASE, VAL_SEED_BASE,
+                                                  load_views, photometric_augment, render_view)
+from student.perspective_teacher.train import (ARCHS, arch_multiple, build_model, ensure_output_spread,
+                                                   evaluate_disparity, predict, train_loop, train_teacher)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "teacher_server" / "weights" / "pano-distill-perspective-v1"
@@ -64,13 +64,13 @@ def test_toy_run_saves_a_folder_that_loads_like_any_teacher(tmp_path, offline):
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     out = tmp_path / "teacher"
-    info = main(["--out", str(out), "--views", "12", "--val-views", "4", "--size", "64", "--width", "tiny",
+    info = train_teacher(["--out", str(out), "--views", "12", "--val-views", "4", "--size", "64", "--width", "tiny",
                  "--steps", "3", "--batch-size", "4", "--cache", "", "--quiet"])
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "pano_distill.json",
                  "README.md", "loss_curve.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
     meta = json.loads((out / "pano_distill.json").read_text())
-    assert meta["input_size"] == 64 and meta["command"].startswith("python -m teacher_server.train_perspective")
+    assert meta["input_size"] == 64 and meta["command"].startswith("python -m student.perspective_teacher.train")
     assert np.isfinite(meta["val_abs_rel"]) and set(meta) == set(info)
     assert set(meta["baselines"]) == {"random_init", "constant", "mean_train_disparity"}
     model = AutoModelForDepthEstimation.from_pretrained(out)

@@ -1,11 +1,11 @@
 """Train a small perspective depth teacher of our own on generated perspective views.
 
-    python -m teacher_server.train_perspective --out DIR [--minutes M] [--views N] [--size S]
-        [--arch dpt_hybrid|glpn|depth_anything|dpt] [--seed S] [--clock wall|process]
+    python -m student.perspective_teacher.train --out DIR [--minutes M] [--views N] [--size S]
+        [--arch dpt_hybrid|glpn|depth_anything|dpt] [--seed S] [--clock wall|process] [--init DIR]
 
 We cannot download Depth Anything, so the distillation is demonstrated with a teacher trained here: a
 small Hugging Face depth-estimation network, from scratch, on thousands of generated perspective views
-with exact depth (``teacher_server.perspective_data``; the paper's "1.5M labeled perspective images" in
+with exact depth (``student.perspective_teacher.data``; the paper's "1.5M labeled perspective images" in
 miniature). It learns relative disparity with the affine-invariant loss of ``student.losses`` against
 ``normalize_disparity(1 / planar_depth)`` over valid (non-sky) pixels, with photometric augmentation.
 
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import shlex
 import sys
@@ -60,8 +61,11 @@ import torch
 
 from student.losses import affine_invariant_loss
 from student.metrics import depth_metrics
-from teacher_server.perspective_data import (IMAGE_MEAN, IMAGE_STD, TRAIN_SEED_BASE, VAL_SEED_BASE,
+from sharding import cli
+from student.perspective_teacher.data import (IMAGE_MEAN, IMAGE_STD, TRAIN_SEED_BASE, VAL_SEED_BASE,
                                              PerspectiveViews, load_views)
+
+log = logging.getLogger(__name__)
 
 ARCHS = ("dpt_hybrid", "glpn", "depth_anything", "dpt")
 FORMAT_VERSION = 1
@@ -222,11 +226,14 @@ def mean_disparity_map(views: PerspectiveViews, limit: int = 2000) -> torch.Tens
     return torch.nanmean(b["target"], dim=0)
 
 
-def baselines(model, train: PerspectiveViews, val: PerspectiveViews) -> dict[str, dict[str, float]]:
+def baselines(model, train: PerspectiveViews, val: PerspectiveViews,
+              start: str = "random_init") -> dict[str, dict[str, float]]:
+    """The network before training (``start``: ``random_init``, or ``initial_weights`` with ``--init``), a
+    constant disparity and the per-pixel mean training disparity, scored like the trained network."""
     n, s = len(val), val.size
     const = torch.full((n, s, s), 0.5)
     prior = mean_disparity_map(train).nan_to_num(0.5).expand(n, s, s)
-    return {"random_init": evaluate_disparity(predict(model, val), val),
+    return {start: evaluate_disparity(predict(model, val), val),
             "constant": evaluate_disparity(const, val),
             "mean_train_disparity": evaluate_disparity(prior.clone(), val)}
 
@@ -365,6 +372,7 @@ def write_readme(out: Path, info: dict) -> None:
         rows.append(f"| baseline: {name.replace('_', ' ')} | {m['abs_rel']:.4f} | {m['delta1']:.4f} | "
                     f"{m['rmse']:.3f} | {m['loss']:.4f} |")
     t = info["train"]
+    init_note = f" Initialised from `{info['init']}`." if info.get("init") else ""
     if t["clock"] == "process":
         budget = (f"the training loop ran for {t['train_s'] / 60:.1f} min of CPU time on {t['threads']} thread(s) "
                   f"(`--clock process`); the whole command took {t['wall_s'] / 60:.1f} min of wall time on a "
@@ -397,7 +405,7 @@ mean/std of `preprocessor_config.json`. Input size: {info['input_size']} px (`pa
 {info['command']}
 ```
 
-{info['trained_on']}. Adam (lr {t['lr']}, warm-up then cosine decay), batch {t['batch_size']}, the
+{info['trained_on']}.{init_note} Adam (lr {t['lr']}, warm-up then cosine decay), batch {t['batch_size']}, the
 affine-invariant loss (`student.losses.affine_invariant_loss`) against `normalize_disparity(1 / depth)`
 over valid pixels, random horizontal flips and photometric augmentation (channel permutation, grayscale,
 saturation, gains, brightness, contrast, gamma, noise). {t['steps']} steps; {budget}.
@@ -418,7 +426,7 @@ metrics after least-squares scale-and-shift alignment of disparity (`student.met
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m teacher_server.train_perspective",
+    p = argparse.ArgumentParser(prog="python -m student.perspective_teacher.train",
                                 description="Train a small perspective depth teacher on generated views.")
     p.add_argument("--out", required=True, help="output folder (Hugging Face save_pretrained layout)")
     p.add_argument("--minutes", type=float, default=25.0,
@@ -446,47 +454,75 @@ def parse_args(argv=None):
                         "loop's CPU time divided by --threads (fair architecture comparisons on a shared "
                         "machine; rendering and evaluation come on top)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--init", default=None,
+                   help="start from the weights of this teacher folder (same arch and size) instead of random "
+                        "initialisation; its arch and input size win over --arch/--size")
+    p.add_argument("--log-file", default=None, help="also write the log lines to this file")
+    cli.add_common_arguments(p)
     p.add_argument("--save-half", action="store_true",
                    help="store the weights in fp16 (half the size; the teacher server computes in fp32 on CPU, "
                         "and its normalised answers move by < 1e-3)")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def load_init(folder: str | Path):
+    """The model of a teacher folder written by this tool, in float32, with its ``pano_distill.json``."""
+    from transformers import AutoModelForDepthEstimation
+
+    folder = Path(folder)
+    meta_path = folder / "pano_distill.json"
+    if not meta_path.is_file():
+        raise cli.UserError(f"--init {folder}: no pano_distill.json (not a folder written by this tool)")
+    meta = json.loads(meta_path.read_text())
+    return AutoModelForDepthEstimation.from_pretrained(folder).float(), meta
+
+
+def main(argv=None) -> int:
+    train_teacher(argv)
+    return 0
+
+
+def train_teacher(argv=None) -> dict:
+    """Run the command (``argv`` as on the command line); returns what ``pano_distill.json`` holds."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    cli.setup_logging(args.log_level, file=args.log_file)
+    init_model, init_meta = None, None
+    if args.init:
+        init_model, init_meta = load_init(args.init)
+        args.arch, args.size = init_meta["arch"], int(init_meta["input_size"])
     if args.low_res > 0 and args.arch in ("dpt", "dpt_hybrid"):
-        raise SystemExit(f"--low-res needs an input-size-agnostic model (glpn, depth_anything), not {args.arch}")
+        raise cli.UserError(f"--low-res needs an input-size-agnostic model (glpn, depth_anything), not {args.arch}")
     t_start = time.monotonic()
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
-    command = "python -m teacher_server.train_perspective " + shlex.join(argv)
+    command = "python -m student.perspective_teacher.train " + shlex.join(argv)
 
-    model = build_model(args.arch, args.size, args.width)
+    model = init_model if args.init else build_model(args.arch, args.size, args.width)
     n_params = count_params(model)
-    print(f"[teacher] {args.arch} ({args.width}): {n_params:,} parameters, input {args.size} px", flush=True)
+    log.info(f"{args.arch} ({args.width}): {n_params:,} parameters, input {args.size} px")
 
     train = load_views("train", args.views, args.size, args.seed, args.cache, args.workers, progress)
     val = load_views("val", args.val_views, args.size, args.seed, args.cache, args.workers, progress)
     val_small = PerspectiveViews(val.rgb[:64], val.depth[:64])
     t_data = time.monotonic() - t_start
-    factor = ensure_output_spread(model, train.batch(range(min(16, len(train))))["pixel_values"])
+    factor = 1.0 if args.init else ensure_output_spread(model, train.batch(range(min(16, len(train))))["pixel_values"])
     if factor != 1.0:
-        print(f"[teacher] initial predictions nearly constant: output layer scaled by {factor:.3g}", flush=True)
+        log.info(f"initial predictions nearly constant: output layer scaled by {factor:.3g}")
 
     t0 = time.monotonic()
-    base = baselines(model, train, val)
+    base = baselines(model, train, val, "initial_weights" if args.init else "random_init")
     t_eval = time.monotonic() - t0
     for name, m in base.items():
-        print(f"[teacher] baseline {name:>22}: {_fmt(m)}", flush=True)
+        log.info(f"baseline {name:>22}: {_fmt(m)}")
 
     metrics_path = out / "metrics.jsonl"
     metrics_file = metrics_path.open("w")
 
-    def log(rec):
+    def log_record(rec):
         metrics_file.write(json.dumps(rec) + "\n")
         metrics_file.flush()
 
@@ -499,15 +535,15 @@ def main(argv=None) -> dict:
         clock = lambda: time.process_time() / threads  # noqa: E731
         seconds = args.minutes * 60.0
     if args.steps is None and seconds <= 0:
-        print("[teacher] warning: no time left for training after loading the views", flush=True)
+        log.warning("no time left for training after loading the views")
     hist = train_loop(model, train, val_small, seconds=seconds, max_steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, warmup=args.warmup, seed=args.seed, augment=not args.no_augment, clock=clock,
                       val_every_s=max(5.0, seconds / 20) if args.steps is None else 1e9, low_res=args.low_res,
-                      log=log, progress=progress)
+                      log=log_record, progress=progress)
     metrics_file.close()
 
     val_m = evaluate_disparity(predict(model, val), val)
-    print(f"[teacher] after {hist['steps']} steps          : {_fmt(val_m)}", flush=True)
+    log.info(f"after {hist['steps']} steps          : {_fmt(val_m)}")
 
     model.save_pretrained(out)
     if args.save_half:  # the tensors only: config.json keeps float32, so loading computes in fp32
@@ -532,6 +568,7 @@ def main(argv=None) -> dict:
                        f"+-60 deg and 20% towards +-90, roll up to 45 deg, FOV 60-100 deg, windows on with sky "
                        f"invalid), rendered at {args.size} px"),
         "command": command,
+        "init": (f"{args.init} ({init_meta.get('val_abs_rel', float('nan')):.4f} val AbsRel)" if args.init else None),
         "val_abs_rel": val_m["abs_rel"],
         "val_delta1": val_m["delta1"],
         "val_protocol": "lstsq (student.metrics: scale and shift on disparity, then median; 0 < depth <= 10 m)",
@@ -547,12 +584,10 @@ def main(argv=None) -> dict:
     }
     (out / "pano_distill.json").write_text(json.dumps(info, indent=2) + "\n")
     write_readme(out, info)
-    print(f"[teacher] saved {out} ({wall / 60:.1f} min wall): val AbsRel {val_m['abs_rel']:.4f} "
-          f"(random init {base['random_init']['abs_rel']:.4f}, constant {base['constant']['abs_rel']:.4f}, "
-          f"mean disparity {base['mean_train_disparity']['abs_rel']:.4f}), delta1 {val_m['delta1']:.4f}",
-          flush=True)
+    log.info(f"saved {out} ({wall / 60:.1f} min wall): val AbsRel {val_m['abs_rel']:.4f}, delta1 "
+             f"{val_m['delta1']:.4f}; baselines " + ", ".join(f"{k} {m['abs_rel']:.4f}" for k, m in base.items()))
     return info
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.run(main))
