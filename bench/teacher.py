@@ -90,11 +90,11 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(args.inprocess_threads)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from sharding.ray_connect import connect
     from teacher_server.inprocess import InProcessTeacher
-    from teacher_server.pool import RayTeacherPool, ensure_ray
+    from teacher_server.pool import RayTeacherPool
 
-    ensure_ray(num_cpus=max(4, os.cpu_count() or 1))  # logical CPUs: 3 replicas of 1 CPU fit on 2 cores
+    connect(num_cpus=max(4, os.cpu_count() or 1))  # logical CPUs: 3 replicas of 1 CPU fit on 2 cores
     gpus = (args.gpus_per_replica if args.gpus_per_replica is not None else 1.0 / 3.0) if cuda else 0.0
     common = dict(input_size=args.input_size, dtype=args.dtype, max_inflight=args.max_inflight,
                   max_batch_faces=args.max_batch_faces, num_gpus=gpus, num_cpus=1,

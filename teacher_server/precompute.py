@@ -75,10 +75,9 @@ def precompute(shards, store: str, *, rotations: int = 8, model: str = DEFAULT_T
             backend = InProcessTeacher(model, device=device, dtype=dtype, input_size=input_size,
                                        max_batch_faces=max_batch_faces)  # (seed: rotations, not weights)
         else:
-            from .pool import RayTeacherPool, ensure_ray
+            from .pool import RayTeacherPool
 
-            ensure_ray(ray_address)
-            backend = RayTeacherPool(model, replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus,
+            backend = RayTeacherPool(model, ray_address=ray_address, replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus,
                                      max_inflight=max_inflight, max_batch_faces=max_batch_faces, device=device,
                                      dtype=dtype, input_size=input_size)
     window = max(2, 2 * max(replicas, 1) * max_inflight)
