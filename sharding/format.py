@@ -51,6 +51,7 @@ REASONS = {
     "bad_list_line": "a split-list line could not be parsed",
     "incomplete_sample": "a shard sample lacks its rgb or meta.json member",
     "truncated_shard": "a shard ended early or is corrupt; the samples after the damage are lost",
+    "corrupt_shard": "a shard's bytes differ from the sha256 in manifest.json; the whole shard is skipped",
     "rejected_by_mask_store": "the mask store rejected this panorama (too few valid pixels)",
 }
 
@@ -227,12 +228,20 @@ def decode_depth_png(data: bytes) -> np.ndarray:
     return arr
 
 
-def decode_mask_png(data: bytes) -> np.ndarray:
-    """Mask image bytes (any channels, 255/nonzero = valid) -> bool (H, W). Values >= 128 are valid."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if arr is None:
-        raise SampleError("unreadable_mask", "not a decodable image")
+def decode_mask(data: bytes, name: str | None = None) -> np.ndarray:
+    """Validity-mask image bytes -> bool (H, W): the one mask-PNG decoder of the project.
+
+    Accepts grey, grey+alpha, RGB or RGBA PNG (or JPEG), 8 or 16 bit: colour is converted to grey
+    (ITU-R 601 weights), alpha is ignored, 16-bit values are scaled to 8 bit; grey >= 128 is valid (so 255 =
+    valid, 0 = invalid). Raises ``SampleError("unreadable_mask")`` naming ``name`` (a file or sample key)
+    when the bytes are not a decodable image."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if len(data) else None
+    if arr is None or arr.ndim != 2 or arr.size == 0:
+        raise SampleError("unreadable_mask", f"{name + ': ' if name else ''}not a decodable image")
     return arr >= 128
+
+
+decode_mask_png = decode_mask  # the earlier name
 
 
 def check_panorama_size(h: int, w: int) -> None:
@@ -343,7 +352,7 @@ def decode_sample(raw: dict, *, height: int | None, labeled: bool | None = None,
         depth = mm_to_metres(resize_nearest(mm, th, tw))
     valid = np.ones((th, tw), dtype=bool)
     if "mask.png" in raw:
-        m = decode_mask_png(raw["mask.png"])
+        m = decode_mask(raw["mask.png"], f"{key}.mask.png")
         if m.shape != (h0, w0):
             raise SampleError("mask_size_mismatch", f"mask {m.shape[1]}x{m.shape[0]} vs image {w0}x{h0}")
         valid &= resize_nearest(m, th, tw)

@@ -53,7 +53,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from .format import SampleError, encode_jpeg, encode_png, make_key, metres_to_mm, scaled_to_mm
+from .format import SampleError, decode_mask, encode_jpeg, encode_png, make_key, metres_to_mm, scaled_to_mm
 
 SOURCES = ("generated", "folder", "matterport3d", "stanford2d3d", "structured3d")
 SPLITS = ("train", "val", "test")
@@ -111,11 +111,7 @@ def _read_uint16(path: Path) -> np.ndarray:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    data = _read_bytes(path, "unreadable_mask")
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if arr is None:
-        raise SampleError("unreadable_mask", f"{path} is not a decodable image")
-    return arr >= 128
+    return decode_mask(_read_bytes(path, "unreadable_mask"), str(path))
 
 
 def load_labeled_pair(rgb_path: str, depth_path: str, metres_per_unit: float, invalid_value: int | None,
