@@ -16,6 +16,7 @@ from webdataset import TarWriter
 
 from sharding.format import cv2_fork_guard, encode_jpeg, encode_png, encode_sample
 from sharding.manifest import resolve_shards, sha256_file, write_manifest
+from sharding.loader import stop_workers
 from sharding.stream import make_loader, panoramas, plan_epoch, read_samples
 
 H = 8
@@ -134,7 +135,7 @@ def test_fewer_shards_than_readers_fails_with_a_helpful_message(tmp_path):
         it = iter(DataLoader(ds, batch_size=None, num_workers=2))
     with pytest.raises(Exception, match="Re-shard with"):
         next(it)
-    it._shutdown_workers()  # not via the garbage collector, where torch's shutdown waits 5 s per worker
+    stop_workers(it)  # not via the garbage collector, where torch's shutdown waits 5 s per worker
     with pytest.raises(ValueError, match="not enough samples"):
         make_loader(d, batch_size=16, num_workers=2, height=H)
 
@@ -264,24 +265,33 @@ def _faulty_dataset(tmp_path: Path) -> tuple[Path, set[str]]:
 
 def test_injected_faults_are_skipped_counted_and_named(tmp_path, caplog):
     d, good = _faulty_dataset(tmp_path)
-    # every sample once (no remainder dropping): each fault counted exactly once, no good sample lost
-    loader = make_loader(d, batch_size=1, num_workers=2, height=H, shuffle=0, drop_last=False)
+    # verify=False reads the damaged tar itself (as for shards without a manifest hash): every sample once
+    # (no remainder dropping), each fault counted exactly once, no good sample lost
+    loader = make_loader(d, batch_size=1, num_workers=2, height=H, shuffle=0, drop_last=False, verify=False)
     got = [k for b in loader for k in b["key"]]
     assert sorted(got) == sorted(good)
     assert loader.skipped() == {"not_2to1": 1, "truncated_shard": 1, "unreadable_image": 1}
     # with drop_last (equal batches across ranks) the quota still holds: short workers re-read their shards
-    loader = make_loader(d, batch_size=2, num_workers=2, height=H, shuffle=2)
+    loader = make_loader(d, batch_size=2, num_workers=2, height=H, shuffle=2, verify=False)
     batches = _keys(loader)
     assert len(batches) == len(loader) and set(k for b in batches for k in b) <= good
     # the offline reader names what it skips
     counts = {}
     with caplog.at_level(logging.WARNING, logger="sharding.stream"):
-        keys = [s["key"] for s in read_samples(d / "manifest.json", skipped=counts)]
+        keys = [s["key"] for s in read_samples(d / "manifest.json", skipped=counts, verify=False)]
     assert sorted(keys) == sorted(good)
     assert counts == {"not_2to1": 1, "truncated_shard": 1, "unreadable_image": 1}
     text = caplog.text
     assert "a_badjpeg" in text and "unreadable_image" in text and "b_wide" in text and "not_2to1" in text
     assert "train-000002.tar" in text and "truncated_shard" in text
+    # verified (the default): the truncated shard's bytes differ from its manifest sha256 -> skipped whole
+    caplog.clear()
+    counts = {}
+    with caplog.at_level(logging.WARNING, logger="sharding.stream"):
+        keys = [s["key"] for s in read_samples(d / "manifest.json", skipped=counts)]
+    assert sorted(keys) == sorted(good - {f"c{j}" for j in range(4)})
+    assert counts == {"not_2to1": 1, "corrupt_shard": 1, "unreadable_image": 1}
+    assert "train-000002.tar (corrupt_shard)" in caplog.text
 
 
 def test_mask_store_masks_and_rejections(tmp_path):
