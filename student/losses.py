@@ -1,103 +1,20 @@
 """Training losses. Pure torch; every function works on any leading shape and any device.
 
-A "map" is the last two dimensions of a tensor: one panorama (B, 1, H, W), or one cube face
-(B, 6, 1, F, F). Masks are boolean (or 0/1) tensors broadcastable to the prediction; a pixel counts only
-where the mask is true and the target is finite.
+The distillation losses (``affine_invariant_loss``, ``normalize_disparity`` and their helpers) live in
+``panorama.depth_math``, shared with the teacher tools, and are re-exported here; this module adds the
+losses of Lee et al. 2020. Masks are boolean (or 0/1) tensors broadcastable to the prediction; a pixel
+counts only where the mask is true and the target is finite.
 """
 
 from __future__ import annotations
 
 import torch
 
-_EPS = 1e-6
+from panorama.depth_math import (_valid, affine_invariant_loss, masked_median, normalize_affine,
+                                 normalize_disparity)
 
-
-def _flat_maps(x: torch.Tensor) -> torch.Tensor:
-    if x.ndim < 2:
-        raise ValueError(f"expected maps with at least 2 dims (..., H, W), got shape {tuple(x.shape)}")
-    return x.reshape(-1, x.shape[-2] * x.shape[-1])
-
-
-def _valid(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    valid = torch.isfinite(target)
-    if mask is not None:
-        valid = valid & mask.bool().expand_as(target)
-    return valid
-
-
-def masked_median(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-row median over valid entries of (M, P) -> (M,); rows with none give 0.
-
-    For an even count it is the lower of the two middle values (``torch.nanmedian``'s rule). The
-    gradient flows to the selected element, as with ``torch.median``.
-    """
-    med = torch.nanmedian(torch.where(valid, x, torch.full_like(x, float("nan"))), dim=-1).values
-    return torch.nan_to_num(med, nan=0.0)
-
-
-def normalize_affine(x: torch.Tensor, valid: torch.Tensor):
-    """Median/MAD normalisation of (M, P) rows over valid entries (Depth Anywhere eq. 5-6).
-
-    ``t = median(x)``, ``s = mean |x - t|``; returns ``(x - t) / s`` and ``s``. A row whose MAD is below
-    1e-6 is degenerate (constant or empty) and is returned as zeros.
-    """
-    vf = valid.to(x.dtype)
-    count = vf.sum(dim=-1)
-    t = masked_median(x, valid)
-    centred = (x - t.unsqueeze(-1)) * vf
-    s = centred.abs().sum(dim=-1) / count.clamp_min(1.0)
-    ok = s > _EPS
-    safe_s = torch.where(ok, s, torch.ones_like(s))
-    return centred / safe_s.unsqueeze(-1) * ok.unsqueeze(-1).to(x.dtype), s
-
-
-def affine_invariant_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
-                          reduction: str = "mean") -> torch.Tensor:
-    """Scale-and-shift-invariant L1 between disparity maps (Depth Anywhere eq. 4-7, MiDaS eq. 5-7).
-
-    Per map, prediction and target are each centred by their median and divided by their mean absolute
-    deviation over valid pixels; the loss of a map is the mean absolute difference over its valid pixels.
-    ``reduction="mean"`` averages over the maps that carry information; ``"none"`` returns (M,) per map.
-
-    Maps with no valid pixel, or whose *target* is constant (a teacher face with no relative depth),
-    contribute 0 and are left out of the mean; if none is left the loss is a graph-connected 0, never
-    NaN. A constant *prediction* against an informative target is a real error: it costs 1 (the mean of
-    the normalised target's absolute values) and gets no gradient through its zero MAD.
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    valid = _flat_maps(_valid(target, mask)) & _flat_maps(torch.isfinite(pred))
-    p, t = _flat_maps(pred), _flat_maps(torch.nan_to_num(target))
-    p = torch.where(valid, p, torch.zeros_like(p))
-    p_n, _ = normalize_affine(p, valid)
-    t_n, t_s = normalize_affine(t.to(p.dtype), valid)
-    count = valid.sum(dim=-1)
-    informative = (count > 0) & (t_s > _EPS)
-    per_map = ((p_n - t_n).abs() * valid).sum(dim=-1) / count.clamp_min(1).to(p.dtype)
-    per_map = per_map * informative
-    if reduction == "none":
-        return per_map
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    n = informative.sum()
-    return per_map.sum() / n.clamp_min(1).to(p.dtype)
-
-
-def normalize_disparity(disp: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Min-max normalise each map (..., H, W) to [0, 1] over valid pixels; invalid pixels become 0.
-
-    This is the target space of ``DESIGN.md``: disparity normalised per map. A constant map becomes 0.
-    """
-    ok = torch.isfinite(disp) if valid is None else (torch.isfinite(disp) & valid.bool().expand_as(disp))
-    flat, okf = _flat_maps(disp), _flat_maps(ok)
-    big = torch.finfo(flat.dtype).max
-    lo = torch.where(okf, flat, torch.full_like(flat, big)).amin(dim=-1, keepdim=True)
-    hi = torch.where(okf, flat, torch.full_like(flat, -big)).amax(dim=-1, keepdim=True)
-    span = hi - lo
-    good = span > _EPS
-    out = (flat - lo) / torch.where(good, span, torch.ones_like(span))
-    out = torch.where(okf & good, out.clamp(0.0, 1.0), torch.zeros_like(out))
-    return out.reshape(disp.shape)
+__all__ = ["affine_invariant_loss", "masked_median", "normalize_affine", "normalize_disparity", "depth_l2_loss",
+           "gt_edges", "smoothness_loss", "normal_loss", "generator_adversarial_loss", "discriminator_loss"]
 
 
 # -- Lee et al. 2020: synthetic-to-real adaptation (the second recipe) ----------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from panorama import depth_to_disparity, equirect_to_cube, equirect_to_planar_faces
-from student.losses import normalize_disparity
+from panorama.depth_math import normalize_disparity
 from teacher_server.labels import PseudoLabels
 
 

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from student.metrics import METRIC_NAMES, depth_metrics, per_image_metrics
+from student.metrics import (DEFAULT_PROTOCOL, METRIC_NAMES, PROTOCOLS, depth_metrics, fit_scale_shift,
+                             per_image_metrics, stanford2d3d_crop)
 
 
 def test_metrics_by_hand_without_alignment():
@@ -30,9 +31,9 @@ def test_median_alignment_removes_scale():
 def test_median_alignment_by_hand():
     gt = torch.tensor([[1.0, 2.0, 3.0]])
     pred = torch.tensor([[2.0, 2.0, 8.0]])  # median 2 vs gt median 2 -> unchanged
-    assert depth_metrics(pred, gt)["abs_rel"] == pytest.approx((1 + 0 + 5 / 3) / 3)
+    assert depth_metrics(pred, gt, align="median")["abs_rel"] == pytest.approx((1 + 0 + 5 / 3) / 3)
     pred2 = torch.tensor([[1.0, 1.0, 4.0]])  # median 1 -> scaled by 2 -> same as above
-    assert depth_metrics(pred2, gt)["abs_rel"] == pytest.approx((1 + 0 + 5 / 3) / 3)
+    assert depth_metrics(pred2, gt, align="median")["abs_rel"] == pytest.approx((1 + 0 + 5 / 3) / 3)
 
 
 def test_lstsq_protocol_recovers_affine_disparity_and_clamps():
@@ -65,5 +66,51 @@ def test_per_image_average_and_empty_images():
     per = per_image_metrics(pred, gt, align="none")
     assert per[0]["abs_rel"] == 0 and per[1]["abs_rel"] == 1.0
     assert depth_metrics(pred, gt, align="none")["abs_rel"] == 0.5
-    empty = depth_metrics(pred, torch.zeros_like(gt))
+    empty = depth_metrics(pred, torch.zeros_like(gt), align="median")
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_lstsq_is_the_default_protocol():
+    assert DEFAULT_PROTOCOL == "lstsq" == PROTOCOLS[0] and "median" in PROTOCOLS
+    gt = torch.rand(2, 1, 16, 32) * 8 + 0.5
+    pred_disp = 2.5 / gt + 0.7  # an exact affine map of the ground-truth disparity
+    assert depth_metrics(1.0 / pred_disp, gt)["abs_rel"] < 1e-4  # default protocol, no align= given
+    assert depth_metrics(1.0 / pred_disp, gt, align="median")["abs_rel"] > 1e-2
+
+
+def test_lstsq_steps_in_the_reference_order_by_hand():
+    # 1. fit on disparity: pred disparity [1, 2, 3] vs gt disparity [1, 0.5, 0.25] -> s = -0.375, t = 1.333..
+    gt = torch.tensor([[1.0, 2.0, 4.0]])
+    s, t = fit_scale_shift(torch.tensor([1.0, 2.0, 3.0]), 1.0 / gt[0])
+    assert (float(s), float(t)) == pytest.approx((-0.375, 4 / 3))
+    fitted = torch.tensor([1.0, 2.0, 3.0]) * s + t  # [0.9583, 0.5833, 0.2083]
+    # 2. inverse to depth, 3. median scaling (median of gt 2, of the depths 1/0.5833), 4. clamp to [0.1, 10]
+    depth = 1.0 / fitted
+    depth = (depth * (2.0 / depth.median())).clamp(0.1, 10.0)
+    expected = ((depth - gt[0]).abs() / gt[0]).mean().item()
+    got = depth_metrics(1.0 / torch.tensor([[1.0, 2.0, 3.0]]), gt)["abs_rel"]
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_lstsq_clamps_prediction_and_ground_truth():
+    gt = torch.tensor([[0.05, 2.0, 4.0, 8.0]])  # 0.05 m is valid (0 < gt) but counts as 0.1, like the reference
+    m = depth_metrics(gt.clone(), gt)
+    assert m["abs_rel"] < 1e-9 and m["delta1"] == 1.0
+    # negative fitted disparity (beyond infinity) becomes depth 0, clamped to 0.1: finite metrics
+    pred = 1.0 / torch.tensor([[5.0, 1.0, 0.9, 0.01]])
+    assert all(math.isfinite(v) for v in depth_metrics(pred, gt).values())
+
+
+def test_constant_prediction_scores_like_a_constant_depth_baseline():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(3, 1, 8, 16, generator=g) * 6 + 0.5
+    for align in ("lstsq", "median"):
+        const_pred = depth_metrics(torch.full_like(gt, 3.7), gt, align=align)  # content-free network output
+        baseline = torch.stack([torch.full_like(x, float(x.median())) for x in gt])  # median(gt) everywhere
+        base = depth_metrics(baseline, gt, align="none")
+        assert const_pred == pytest.approx(base, rel=1e-6), align
+        assert const_pred["abs_rel"] > 0.2
+
+
+def test_stanford2d3d_crop_scales_the_reference_value():
+    assert stanford2d3d_crop(512) == 68 and stanford2d3d_crop(256) == 34 and stanford2d3d_crop(128) == 17

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from panorama import rotation_matrix
+from panorama.depth_math import normalize_disparity
 from sharding.synthetic import STYLES, make_scene, render_perspective
-from student.losses import normalize_disparity
 
 CACHE_VERSION = 1  # bump when rendering or view sampling changes: the cache is keyed by it
 CHUNK = 250

@@ -59,8 +59,7 @@ from pathlib import Path
 
 import torch
 
-from student.losses import affine_invariant_loss
-from student.metrics import depth_metrics
+from panorama.depth_math import affine_invariant_loss, depth_metrics
 from sharding import cli
 from student.perspective_teacher.data import (IMAGE_MEAN, IMAGE_STD, TRAIN_SEED_BASE, VAL_SEED_BASE,
                                              PerspectiveViews, load_views)
