@@ -4,6 +4,12 @@ Output (``--out DIR``): ``{split}-{index:06d}.tar`` shards of ``--samples-per-sh
 of a split may hold fewer) and ``manifest.json`` (``sharding.manifest``), written last: a folder with a
 manifest is a complete build, and building into it again is refused unless ``--overwrite``.
 
+A build never destroys the last good one: it is written into a sibling temporary folder
+(``.<name>.building-<pid>``) and swapped in by renaming only once its manifest is written; the old folder
+is moved aside (``.<name>.old-<pid>``) and removed after the swap, and files in it that are not part of a
+build (anything but shards and the manifest) are carried over. A build that fails -- an input that yields
+no sample, an error, an interrupt -- removes its temporary folder and leaves ``--out`` as it was.
+
 Within a split, samples are written in the order of ``sha1(key)``: shards mix scenes and areas instead of
 holding one scene each, and the order (so the shards and their sha256) is the same on every rebuild.
 Bad inputs are skipped, counted by reason and named in the manifest and the summary; depth is converted to
@@ -17,6 +23,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -25,15 +32,15 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from . import sources
+from . import cli, sources
 from .format import SampleError, cv2_fork_guard, encode_sample
 from .manifest import MANIFEST, SHARD_RE, shard_name, tool_version, write_manifest
 
 log = logging.getLogger("sharding.build")
 
 
-class BuildError(Exception):
-    """The build cannot start or produced nothing; the message says what to do."""
+class BuildError(cli.UserError, ValueError):
+    """The build cannot start or produced nothing; the message says what to do (exit 2 from the CLI)."""
 
 
 class _HashingFile:
@@ -99,8 +106,12 @@ def _prepare(cand: sources.Candidate):
         return "skip", exc.reason, exc.detail
 
 
-def _check_out_dir(out: Path, overwrite: bool, delete: bool = False) -> None:
-    """Refuse an existing build unless ``overwrite``; with ``delete`` remove its shards and manifest."""
+def _is_build_file(name: str) -> bool:
+    return bool(SHARD_RE.match(name)) or name.endswith(".tar.partial") or name in (MANIFEST, MANIFEST + ".tmp")
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing build (complete or interrupted) in ``out`` unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a folder")
     if not out.exists():
@@ -112,26 +123,63 @@ def _check_out_dir(out: Path, overwrite: bool, delete: bool = False) -> None:
             f"{len(existing)} shard file(s) of an interrupted build"
         raise BuildError(f"{out} already holds {what}; refusing to overwrite it. Pass --overwrite to replace it, "
                          f"or choose another --out")
-    if overwrite and delete:
-        for name in existing + ([MANIFEST] if has_manifest else []):
-            (out / name).unlink()
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Make the complete build in ``new`` the folder ``out``: renames only, the old build removed last."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)  # put the previous build back
+        raise
+    for p in old.iterdir():  # the user's own files in the folder (notes, a mask store, ...) stay
+        if not _is_build_file(p.name) and not (out / p.name).exists():
+            os.rename(p, out / p.name)
+    shutil.rmtree(old)
 
 
 def build(source: str, input: str | os.PathLike | None, out: str | os.PathLike, *, split: str = "all",
           samples_per_shard: int = 100, overwrite: bool = False, split_lists: dict[str, str] | None = None,
           workers: int = 1, progress: bool = True, **source_options) -> dict:
-    """Convert ``source`` at ``input`` into shards in ``out``; returns the manifest (also written).
-    ``source_options`` go to ``sources.list_source`` (count, style, height, seed, windows, watermark,
-    rgb_format). Raises ``BuildError``/``ValueError`` with a message for the user."""
+    """Convert ``source`` at ``input`` into shards in ``out``; returns the manifest (also written). Built in
+    a sibling temporary folder and swapped in only when complete (module docstring). ``source_options`` go
+    to ``sources.list_source`` (count, style, height, seed, windows, watermark, rgb_format). Raises
+    ``BuildError`` (a ``sharding.cli.UserError``) with a message for the user."""
     if samples_per_shard < 1:
         raise BuildError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     out = Path(out).expanduser().resolve()
     _check_out_dir(out, overwrite)
-    listing = sources.list_source(source, input, split, split_lists=split_lists, **source_options)
-    _check_out_dir(out, overwrite, delete=True)  # only once the input is known to be usable
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    try:
+        listing = sources.list_source(source, input, split, split_lists=split_lists, **source_options)
+    except BuildError:
+        raise
+    except ValueError as exc:  # the layout's own checks (no split lists, unknown source, ...)
+        raise BuildError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        manifest = _write_build(tmp, source, input, listing, split=split, samples_per_shard=samples_per_shard,
+                                split_lists=split_lists, workers=workers, progress=progress,
+                                source_options=source_options, out_name=out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # --out is untouched
+        raise
+    _swap_in(tmp, out)
+    return manifest
 
+
+def _write_build(out: Path, source, input, listing, *, split, samples_per_shard, split_lists, workers, progress,
+                 source_options, out_name: Path) -> dict:
+    """Write the shards and, if any sample was written, the manifest into ``out`` (a fresh folder)."""
+    t0 = time.time()
     skipped: list[dict] = [{"path": p, "reason": r, "detail": d} for p, r, d in listing.skipped]
     seen: dict[str, str] = {}
     per_split: dict[str, list[sources.Candidate]] = {s: [] for s in listing.splits}
@@ -171,14 +219,19 @@ def build(source: str, input: str | os.PathLike | None, out: str | os.PathLike, 
                         clipped_pixels += b
                         clipped_samples += 1
                     bar.set_postfix(split=s, written=n, skipped=len(skipped))
-                splits_out[s] = {"count": n, "shards": sink.close()}
+                shards = sink.close()
+                if n:  # a split whose every input was skipped is not listed (a manifest lists no empty split)
+                    splits_out[s] = {"count": n, "shards": shards}
     finally:
         if pool is not None:
             pool.close()
             pool.join()
 
-    written = sum(v["count"] for v in splits_out.values())
     counts = Counter(d["reason"] for d in skipped)
+    if not splits_out:
+        raise BuildError(f"no sample was written ({len(skipped)} skipped: "
+                         f"{', '.join(f'{k}={v}' for k, v in counts.items()) or 'no inputs found'}); "
+                         f"{out_name} was left as it was")
     manifest = {
         "tool": "sharding.build",
         "version": tool_version(),
@@ -195,9 +248,6 @@ def build(source: str, input: str | os.PathLike | None, out: str | os.PathLike, 
                     **source_options},
         "seconds": round(time.time() - t0, 2),
     }
-    if written == 0:
-        raise BuildError(f"no sample was written to {out} ({len(skipped)} skipped: "
-                         f"{', '.join(f'{k}={v}' for k, v in counts.items()) or 'no inputs found'})")
     write_manifest(out, manifest)
     return manifest
 
@@ -262,23 +312,19 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
+    cli.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     gen = {}
     if args.source == "generated":
         gen = dict(count=args.count, style=args.style, height=args.height, seed=args.seed,
                    windows=args.windows, watermark=args.watermark, rgb_format=args.rgb_format)
-    try:
-        manifest = build(args.source, args.input, args.out, split=args.split,
-                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
-                         split_lists=dict(args.split_list) or None, workers=args.workers,
-                         progress=not args.quiet, **gen)
-    except (BuildError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = build(args.source, args.input, args.out, split=args.split, samples_per_shard=args.samples_per_shard,
+                     overwrite=args.overwrite, split_lists=dict(args.split_list) or None, workers=args.workers,
+                     progress=not args.quiet, **gen)
     print(format_summary(manifest, Path(args.out).expanduser().resolve()))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(cli.run(main))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sharding import build as build_mod
+from sharding import cli
 from sharding.build import BuildError, build, main, make_parser
 from sharding.format import MAX_DEPTH_MM, SampleError, make_key, metres_to_mm, scaled_to_mm
 from sharding.manifest import sha256_file
@@ -260,8 +261,9 @@ def test_overwrite_refusal_and_cli(tmp_path, capsys):
     assert "5 samples" in text and "3 shard(s)" in text
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar",
                                                      "train-000002.tar"]
-    assert main(["--source", "folder", "--input", str(root), "--out", str(out), "--quiet"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert cli.run(main, ["--source", "folder", "--input", str(root), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(BuildError, match="refusing"):
         build("folder", root, out, progress=False)
     # an interrupted build (shards, no manifest) is refused as well
@@ -280,5 +282,48 @@ def test_overwrite_refusal_and_cli(tmp_path, capsys):
     for needle in ("mp3d_{train,val,test}.txt", "matterport3d_{train,val,test}.txt", "area_*/pano/rgb",
                    "rgb_rawlight.png", "_valid.png", "1/4000 m", "--count"):
         assert needle in help_text
-    assert main(["--source", "generated", "--out", str(tmp_path / "g"), "--quiet"]) == 2  # no --count
+    assert cli.run(main, ["--source", "generated", "--out", str(tmp_path / "g"), "--quiet"]) == 2  # no --count
     assert "--count" in capsys.readouterr().err
+    # a user's own file in --out survives an --overwrite; no temporary folder is left beside it
+    (out / "NOTES.txt").write_text("mine")
+    assert main(["--source", "folder", "--input", str(root), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert (out / "NOTES.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_overwrite_with_all_bad_input_keeps_the_previous_build(tmp_path, capsys):
+    root, bad = tmp_path / "in", tmp_path / "bad"
+    for i in range(3):
+        _write_png(root / f"p{i}.png", _rgb(i))
+        (bad / f"broken{i}.png").parent.mkdir(parents=True, exist_ok=True)
+        (bad / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)  # undecodable
+    out = tmp_path / "out"
+    assert main(["--source", "folder", "--input", str(root), "--out", str(out), "--samples-per-shard", "2",
+                 "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
+    capsys.readouterr()
+    rc = cli.run(main, ["--source", "folder", "--input", str(bad), "--out", str(out), "--overwrite", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no sample was written" in err and "unreadable_image=3" in err and str(out) in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old manifest and shards intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "in", "out"]  # temporary folder removed
+    assert len(list(read_samples(out / "manifest.json"))) == 3
+
+    # an error in the middle of writing (here: the sink fails on its second shard) leaves --out as it was
+    real_write = build_mod._ShardSink.write
+
+    def failing(self, sample):
+        if len(self.shards) == 1:
+            raise OSError("disk full")
+        real_write(self, sample)
+
+    build_mod._ShardSink.write = failing
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            build("folder", root, out, samples_per_shard=1, overwrite=True, progress=False)
+    finally:
+        build_mod._ShardSink.write = real_write
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "in", "out"]
