@@ -256,6 +256,8 @@ class Trainer:
             return None
         self.engine.module.eval()
         result = self.evaluate(self.engine.module)
+        # TensorBoard's depth preview at each evaluation (a no-op unless run.tensorboard=true)
+        self.monitor.preview(self.state.step, self.engine.module, getattr(self.evaluate, "samples", None), self.device)
         self.engine.module.train()
         if not final:
             self.monitor.log({"step": self.state.step, "eval": result.get("metrics", {})})
