@@ -10,23 +10,17 @@ three named databases:
 * ``rejected``: ``key -> JSON {"valid_fraction", "min_valid"}`` for panoramas whose valid fraction is below
   ``min_valid`` (default 0.2, Depth Anywhere's "under 20% valid pixels"). Their mask is stored as well.
 * ``meta``: the store's metadata (models, thresholds, prompts, ``min_valid``), so that a store made with
-  other settings is noticed (:meth:`MaskStore.check_metadata`).
+  other settings is noticed (:meth:`MaskStore.check_metadata`), and the format record.
 
-A mask, its fraction and its rejected flag are written in one transaction: a writer that dies part-way
-leaves either the whole entry or nothing.
+Every value carries a crc32 (:mod:`sharding.lmdb_base`): a corrupt mask is not returned but skipped and
+counted (:attr:`MaskStore.corrupt`, :attr:`MaskStore.corrupt_keys`); ``key in store`` is False for it, so
+``python -m sharding.masks`` redoes it. A mask, its fraction and its rejected flag are written in one
+transaction: a writer that dies part-way leaves either the whole entry or nothing.
 
-Processes: py-lmdb environments must not cross ``fork()``. A :class:`MaskStore` keeps only its path and
-opens the environment on first use in each process (it re-opens when ``os.getpid()`` changed); it pickles
-without the environment. So a store can be handed to DataLoader workers (fork or spawn) and Ray actors,
-which read concurrently while one writer appends. Within one process every store of a path shares one
-environment (LMDB forbids opening it twice per process; py-lmdb refuses). A forked child closes the
-environment it inherited before opening its own (py-lmdb needs that); LMDB's close then releases the
-reader slots registered under the parent's pid, which would hurt a parent transaction in flight, so every
-transaction runs under a lock that ``fork()`` also takes (``os.register_at_fork``): no store transaction
-is ever in flight while a process forks.
-
-Readers of a store that nothing writes any more may pass ``lock=False`` (faster, see STACK-NOTES); while a
-writer is active keep the default ``lock=True``.
+Processes: see :mod:`sharding.lmdb_base` (one environment per process and path, reopened after ``fork``;
+the store pickles without it), so a store can be handed to DataLoader workers and Ray actors, which read
+concurrently while one writer appends. Readers of a store that nothing writes any more may pass
+``lock=False`` (faster, see docs/DESIGN.md); while a writer is active keep the default ``lock=True``.
 """
 
 from __future__ import annotations
@@ -35,19 +29,19 @@ import json
 import logging
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import lmdb
 import numpy as np
+
+from sharding.lmdb_base import LmdbStore, differences, mismatch_error, pack
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_VALID = 0.2
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB to start with; grows by doubling when full (sparse on Linux)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every value carries a crc32
 
 _MAGIC = b"PDM1"
 _HEADER = struct.Struct("<4sIIdH")  # magic, height, width, valid fraction, length of the source string
@@ -56,99 +50,6 @@ _DB_REJECTED = b"rejected"
 _DB_META = b"meta"
 _META_KEY = b"metadata"
 _MAX_KEY_BYTES = 500  # LMDB's default key limit is 511 bytes
-
-# One LMDB environment per (process, store directory), shared by every MaskStore of that path in the
-# process: LMDB forbids opening the same environment twice in one process, and py-lmdb refuses it.
-_HANDLES: dict[str, "_Handle"] = {}
-_HANDLES_LOCK = threading.Lock()
-# Held during every transaction and across fork(), so that a child never inherits a transaction in
-# flight: the child closes the inherited environment (py-lmdb needs that before re-opening the path), and
-# LMDB's close releases the reader slots registered under the parent's pid.
-_TXN_LOCK = threading.RLock()
-
-
-def _after_fork_in_child() -> None:
-    global _TXN_LOCK
-    _TXN_LOCK = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=lambda: _TXN_LOCK.acquire(),
-        after_in_parent=lambda: _TXN_LOCK.release(),
-        after_in_child=_after_fork_in_child,
-    )
-
-
-class _Handle:
-    """A process's environment for one store directory, with its named databases."""
-
-    def __init__(self, path: str, writable: bool, lock: bool, map_size: int) -> None:
-        self.path, self.writable, self.lock = path, writable, lock
-        self.pid = os.getpid()
-        self.refs = 0
-        self.env: Any = None
-        self.dbs: dict[bytes, Any] = {}
-        self._open(map_size)
-
-    def _open(self, map_size: int) -> None:
-        if self.writable:
-            Path(self.path).mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(self.path, map_size=map_size, max_dbs=4, readahead=False, max_spare_txns=0)
-            dbs = {name: env.open_db(name) for name in (_DB_MASKS, _DB_REJECTED, _DB_META)}
-        else:
-            env = lmdb.open(self.path, readonly=True, lock=self.lock, readahead=False, max_dbs=4,
-                            create=False, max_spare_txns=0)
-            dbs = {}
-            for name in (_DB_MASKS, _DB_REJECTED, _DB_META):
-                try:
-                    dbs[name] = env.open_db(name, create=False)
-                except lmdb.NotFoundError as exc:
-                    env.close()
-                    raise ValueError(f"{self.path} is not a mask store (no {name.decode()!r} database)") from exc
-        self.env, self.dbs = env, dbs
-
-    def upgrade(self, writable: bool, lock: bool, map_size: int) -> None:
-        """Re-open in place when a store of this process needs writing (or locking) that this lacks."""
-        if (writable and not self.writable) or (lock and not self.lock):
-            self.env.close()
-            self.writable = self.writable or writable
-            self.lock = self.lock or lock or self.writable
-            self._open(map_size)
-
-    def close(self) -> None:
-        if self.env is not None:
-            self.env.close()
-        self.env, self.dbs = None, {}
-
-
-def _acquire_handle(path: str, writable: bool, lock: bool, map_size: int) -> _Handle:
-    key = os.path.realpath(path)
-    pid = os.getpid()
-    with _HANDLES_LOCK:
-        h = _HANDLES.get(key)
-        if h is not None and (h.pid != pid or h.env is None):
-            if h.pid != pid:  # inherited through fork(): no transaction was in flight (_TXN_LOCK)
-                h.close()
-            del _HANDLES[key]
-            h = None
-        if h is None:
-            h = _Handle(path, writable, lock, map_size)
-            _HANDLES[key] = h
-        else:
-            h.upgrade(writable, lock, map_size)
-        h.refs += 1
-        return h
-
-
-def _release_handle(h: _Handle) -> None:
-    with _HANDLES_LOCK:
-        h.refs -= 1
-        if h.refs <= 0 and h.pid == os.getpid():
-            h.close()
-            key = os.path.realpath(h.path)
-            if _HANDLES.get(key) is h:
-                del _HANDLES[key]
 
 
 @dataclass(frozen=True)
@@ -216,129 +117,56 @@ def _key_bytes(key: str) -> bytes:
     return b
 
 
-def _jsonable(value: Any) -> Any:
-    """Normalise a metadata value the way it round-trips through JSON (tuples become lists, ...)."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
 def load_mask_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a validity mask PNG (255 = valid, 0 = invalid; grey, RGB or RGBA) as a bool (H, W) array.
-
-    Pixels above 127 are valid. Raises ``ValueError`` naming the file when it cannot be read as an image.
-    """
-    from PIL import Image, UnidentifiedImageError
+    """Read a validity mask PNG (255 = valid, 0 = invalid; grey, RGB or RGBA) as a bool (H, W) array with
+    ``sharding.format``'s mask decoder (values >= 128 are valid). ``ValueError`` names an unreadable file."""
+    from sharding import format as fmt
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"mask file not found: {p}")
+    decode = getattr(fmt, "decode_mask", None) or fmt.decode_mask_png
     try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA"):
-                im = im.convert("RGBA").convert("RGB")
-            arr = np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        arr = decode(p.read_bytes())
+    except fmt.SampleError as exc:
         raise ValueError(f"cannot read mask image {p}: {exc}") from exc
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"mask image {p} has an unexpected shape {arr.shape}")
-    return arr > 127
+    return arr
 
 
-class MaskStore:
+class MaskStore(LmdbStore):
     """Boolean validity masks in LMDB, keyed by sample key; see the module docstring.
 
     ``MaskStore(path, readonly=False, map_size=DEFAULT_MAP_SIZE, min_valid=None, lock=True)``.
     ``min_valid`` (the rejection threshold) defaults to the store's metadata, else 0.2.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        readonly: bool = False,
-        map_size: int = DEFAULT_MAP_SIZE,
-        min_valid: float | None = None,
-        lock: bool = True,
-    ) -> None:
-        self.path = str(path)
-        self.readonly = bool(readonly)
-        self.map_size = int(map_size)
-        self.lock = bool(lock)
+    WHAT = "mask store"
+    FORMAT = "pano-distill-masks"
+    VERSION = FORMAT_VERSION
+    DBS = (_DB_MASKS, _DB_REJECTED, _DB_META)
+    FORMAT_DB = _DB_META
+    CREATE_HINT = "create it with `python -m sharding.masks --store PATH ...`"
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE,
+                 min_valid: float | None = None, lock: bool = True) -> None:
         if min_valid is not None and not 0.0 <= float(min_valid) <= 1.0:
             raise ValueError(f"min_valid must be in [0, 1], got {min_valid}")
+        super().__init__(path, readonly=readonly, map_size=map_size, lock=lock)
         self._min_valid_arg = None if min_valid is None else float(min_valid)
         self._min_valid: float | None = self._min_valid_arg
-        self._h: _Handle | None = None
-        if self.readonly and not Path(self.path, "data.mdb").is_file():
-            raise FileNotFoundError(
-                f"mask store not found at {self.path} (expected an LMDB directory with data.mdb); "
-                "create it with `python -m sharding.masks --store PATH ...`"
-            )
 
-    # ------------------------------------------------------------------ process-local environment
-    def _handle(self) -> _Handle:
-        h = self._h
-        if h is not None and h.pid == os.getpid() and h.env is not None:
-            return h
-        h = _acquire_handle(self.path, not self.readonly, self.lock, self.map_size)
-        self._h = h
+    def _is_empty(self, txn: Any, dbs: dict) -> bool:
+        return all(txn.stat(dbs[name])["entries"] == 0 for name in self.DBS)
+
+    def _opened(self) -> None:
         if self._min_valid_arg is None:
-            stored = self._read(lambda txn, dbs: txn.get(_META_KEY, db=dbs[_DB_META]))
-            stored = json.loads(bytes(stored).decode("utf-8")).get("min_valid") if stored is not None else None
+            stored = self.metadata.get("min_valid")
             self._min_valid = float(stored) if stored is not None else DEFAULT_MIN_VALID
-        return h
-
-    def _read(self, fn: Callable[[Any, dict], Any]) -> Any:
-        h = self._handle()
-        for _ in range(3):
-            try:
-                with _TXN_LOCK, h.env.begin(write=False, buffers=True) as txn:
-                    return fn(txn, h.dbs)
-            except lmdb.MapResizedError:  # a writer in another process grew the map: adopt its size
-                h.env.set_mapsize(0)
-        raise RuntimeError(f"mask store {self.path}: the map kept being resized while reading")
-
-    def _write(self, fn: Callable[[Any, dict], Any]) -> Any:
-        if self.readonly:
-            raise PermissionError(f"mask store {self.path} was opened read-only")
-        h = self._handle()
-        while True:
-            try:
-                with _TXN_LOCK, h.env.begin(write=True) as txn:  # commits on success, aborts on any exception
-                    return fn(txn, h.dbs)
-            except lmdb.MapFullError:
-                old = h.env.info()["map_size"]
-                new = max(2 * old, old + (64 << 20))
-                log.info("mask store %s: map full at %d MiB, growing to %d MiB", self.path, old >> 20, new >> 20)
-                with _TXN_LOCK:
-                    h.env.set_mapsize(new)
-                self.map_size = new
-            except lmdb.MapResizedError:
-                with _TXN_LOCK:
-                    h.env.set_mapsize(0)
-
-    def close(self) -> None:
-        """Release this store's share of the process's environment (closed when no store uses it)."""
-        h, self._h = self._h, None
-        if h is not None:
-            _release_handle(h)
-
-    def __enter__(self) -> "MaskStore":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_h"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        mode = "readonly" if self.readonly else "read-write"
-        return f"MaskStore({self.path!r}, {mode})"
+        return f"MaskStore({self.path!r}, {'readonly' if self.readonly else 'read-write'})"
 
     # ------------------------------------------------------------------ writing
     @property
@@ -357,10 +185,10 @@ class MaskStore:
         kb = _key_bytes(key)
         arr = _as_mask(key, mask)
         fraction = float(arr.mean())
-        value = _encode(arr, fraction, source)
+        value = pack(_encode(arr, fraction, source))
         min_valid = self.min_valid
         rejected = fraction < min_valid
-        flag = json.dumps({"valid_fraction": fraction, "min_valid": min_valid}).encode()
+        flag = pack(json.dumps({"valid_fraction": fraction, "min_valid": min_valid}).encode())
 
         def txn_fn(txn: Any, dbs: dict) -> None:
             txn.put(kb, value, db=dbs[_DB_MASKS])
@@ -370,6 +198,7 @@ class MaskStore:
                 txn.delete(kb, db=dbs[_DB_REJECTED])
 
         self._write(txn_fn)
+        self.corrupt_keys.pop(key, None)
         return fraction
 
     def import_mask(self, key: str, png_path: str | os.PathLike) -> float:
@@ -387,61 +216,58 @@ class MaskStore:
         return self._write(txn_fn)
 
     # ------------------------------------------------------------------ reading
+    def _checked(self, key: str, buf: Any, decode: Any) -> Any:
+        """``decode(key, payload)`` of a stored value; None (counted as corrupt) if it fails its checks."""
+        payload = self._payload(key, buf)
+        if payload is None:
+            return None
+        try:
+            return decode(key, payload)
+        except ValueError as exc:  # the checksum matched, the layout did not: written by something else
+            self._mark_corrupt(key, str(exc))
+            return None
+
     def get(self, key: str) -> np.ndarray | None:
-        """The stored mask, bool (H, W), True = valid; ``None`` if ``key`` is not stored."""
+        """The stored mask, bool (H, W), True = valid; ``None`` if ``key`` is not stored or is corrupt."""
         kb = _key_bytes(key)
-
-        def fn(txn: Any, dbs: dict) -> np.ndarray | None:
-            buf = txn.get(kb, db=dbs[_DB_MASKS])
-            return None if buf is None else _decode_mask(key, buf)[0]
-
-        return self._read(fn)
+        res = self._read(lambda txn, dbs: self._checked(key, txn.get(kb, db=dbs[_DB_MASKS]), _decode_mask))
+        return None if res is None else res[0]
 
     def entry(self, key: str) -> MaskEntry | None:
-        """Mask, valid fraction, source and rejected flag of ``key``, read in one transaction."""
+        """Mask, valid fraction, source and rejected flag of ``key`` (one transaction); None if absent/corrupt."""
         kb = _key_bytes(key)
 
         def fn(txn: Any, dbs: dict) -> MaskEntry | None:
-            buf = txn.get(kb, db=dbs[_DB_MASKS])
-            if buf is None:
+            res = self._checked(key, txn.get(kb, db=dbs[_DB_MASKS]), _decode_mask)
+            if res is None:
                 return None
-            mask, fraction, source = _decode_mask(key, buf)
             rejected = txn.get(kb, db=dbs[_DB_REJECTED]) is not None
-            return MaskEntry(key, mask, fraction, source, rejected)
+            return MaskEntry(key, res[0], res[1], res[2], rejected)
 
         return self._read(fn)
 
+    def _header_field(self, key: str, index: int) -> Any:
+        kb = _key_bytes(key)
+        value = self._read(lambda txn, dbs: self._checked(key, txn.get(kb, db=dbs[_DB_MASKS]), _decode_header))
+        if value is None:
+            state = "corrupt" if key in self.corrupt_keys else "not"
+            raise KeyError(f"{key!r} is {state} in the mask store {self.path}")
+        return value[index]
+
     def valid_fraction(self, key: str) -> float:
         """The stored valid fraction of ``key`` (read from the header; the mask is not unpacked)."""
-        kb = _key_bytes(key)
-
-        def fn(txn: Any, dbs: dict) -> float | None:
-            buf = txn.get(kb, db=dbs[_DB_MASKS])
-            return None if buf is None else _decode_header(key, buf)[2]
-
-        value = self._read(fn)
-        if value is None:
-            raise KeyError(f"{key!r} is not in the mask store {self.path}")
-        return value
+        return self._header_field(key, 2)
 
     def source(self, key: str) -> str:
         """Where the mask of ``key`` came from: ``"model"``, ``"imported"`` or ``"combined"``."""
-        kb = _key_bytes(key)
-
-        def fn(txn: Any, dbs: dict) -> str | None:
-            buf = txn.get(kb, db=dbs[_DB_MASKS])
-            return None if buf is None else _decode_header(key, buf)[3]
-
-        value = self._read(fn)
-        if value is None:
-            raise KeyError(f"{key!r} is not in the mask store {self.path}")
-        return value
+        return self._header_field(key, 3)
 
     def __contains__(self, key: object) -> bool:
+        """True when ``key`` has a sound entry (a corrupt one is counted and reported as absent)."""
         if not isinstance(key, str):
             return False
         kb = _key_bytes(key)
-        return self._read(lambda txn, dbs: txn.get(kb, db=dbs[_DB_MASKS]) is not None)
+        return self._read(lambda txn, dbs: self._payload(key, txn.get(kb, db=dbs[_DB_MASKS])) is not None)
 
     def is_rejected(self, key: str) -> bool:
         kb = _key_bytes(key)
@@ -452,7 +278,7 @@ class MaskStore:
         return self._read(lambda txn, dbs: [bytes(k).decode() for k in txn.cursor(db=dbs[_DB_REJECTED]).iternext(values=False)])
 
     def keys(self) -> list[str]:
-        """All stored keys, sorted (LMDB order)."""
+        """All stored keys, sorted (LMDB order); corrupt entries included (their values are not read)."""
         return self._read(lambda txn, dbs: [bytes(k).decode() for k in txn.cursor(db=dbs[_DB_MASKS]).iternext(values=False)])
 
     def __iter__(self) -> Iterator[str]:
@@ -462,23 +288,23 @@ class MaskStore:
         return self._read(lambda txn, dbs: txn.stat(dbs[_DB_MASKS])["entries"])
 
     def summary(self) -> dict:
-        """Counts for reports: entries, rejected, entries per source, mean valid fraction."""
+        """Counts for reports: entries, rejected, entries per source, mean valid fraction, corrupt entries."""
 
         def fn(txn: Any, dbs: dict) -> dict:
             by_source: dict[str, int] = {}
-            total, fsum = 0, 0.0
+            total, fsum, bad = 0, 0.0, []
             for k, v in txn.cursor(db=dbs[_DB_MASKS]):
-                _, _, fraction, source, _ = _decode_header(bytes(k).decode(), v)
-                by_source[source] = by_source.get(source, 0) + 1
+                key = bytes(k).decode()
+                head = self._checked(key, v, _decode_header)
+                if head is None:
+                    bad.append(key)
+                    continue
+                by_source[head[3]] = by_source.get(head[3], 0) + 1
                 total += 1
-                fsum += fraction
-            n_rej = txn.stat(dbs[_DB_REJECTED])["entries"]
-            return {
-                "entries": total,
-                "rejected": n_rej,
-                "by_source": by_source,
-                "mean_valid_fraction": fsum / total if total else None,
-            }
+                fsum += head[2]
+            return {"entries": total, "rejected": txn.stat(dbs[_DB_REJECTED])["entries"], "by_source": by_source,
+                    "mean_valid_fraction": fsum / total if total else None, "corrupt": len(bad),
+                    "corrupt_keys": bad}
 
         return self._read(fn)
 
@@ -486,12 +312,24 @@ class MaskStore:
     @property
     def metadata(self) -> dict:
         """The models and thresholds that made this store (``{}`` for a new store)."""
-        buf = self._read(lambda txn, dbs: txn.get(_META_KEY, db=dbs[_DB_META]))
-        return {} if buf is None else json.loads(bytes(buf).decode("utf-8"))
+
+        def fn(txn: Any, dbs: dict) -> dict | None:
+            raw = txn.get(_META_KEY, db=dbs[_DB_META])
+            if raw is None:
+                return {}
+            payload = self._payload("<metadata>", raw)
+            return None if payload is None else json.loads(bytes(payload).decode("utf-8"))
+
+        meta = self._read(fn)
+        if meta is None:
+            from sharding.lmdb_base import StoreDamagedError
+
+            raise StoreDamagedError(f"mask store {self.path}: its metadata record is corrupt; rebuild the store")
+        return meta
 
     def set_metadata(self, metadata: dict) -> None:
         """Replace the metadata. ``min_valid`` is always recorded (the store's threshold unless given)."""
-        meta = _jsonable(dict(metadata))
+        meta = json.loads(json.dumps(dict(metadata), sort_keys=True, default=str))
         if "min_valid" in meta:
             mv = float(meta["min_valid"])
             if not 0.0 <= mv <= 1.0:
@@ -500,25 +338,17 @@ class MaskStore:
         else:
             meta["min_valid"] = self.min_valid
         meta.setdefault("format_version", FORMAT_VERSION)
-        blob = json.dumps(meta, sort_keys=True).encode("utf-8")
+        blob = pack(json.dumps(meta, sort_keys=True).encode("utf-8"))
         self._write(lambda txn, dbs: txn.put(_META_KEY, blob, db=dbs[_DB_META]))
 
     def metadata_differences(self, expected: dict) -> dict[str, tuple[Any, Any]]:
         """``{field: (stored, expected)}`` for every field of ``expected`` that the store has differently
         (a field the store lacks shows as ``"<missing>"``)."""
-        stored = self.metadata
-        diffs = {}
-        for name, want in _jsonable(dict(expected)).items():
-            have = stored.get(name, "<missing>")
-            if have != want:
-                diffs[name] = (have, want)
-        return diffs
+        return differences(self.metadata, expected)
 
     def check_metadata(self, expected: dict) -> None:
-        """Raise ``ValueError`` listing every field of ``expected`` that differs from the stored metadata."""
+        """Raise ``StoreMismatchError`` (a ``UserError`` and ``ValueError``) naming the store and every field
+        of ``expected`` that differs from the stored metadata."""
         diffs = self.metadata_differences(expected)
         if diffs:
-            lines = "\n".join(f"  {k}: store has {v[0]!r}, expected {v[1]!r}" for k, v in sorted(diffs.items()))
-            raise ValueError(
-                f"mask store {self.path} was made with different settings ({len(diffs)} field(s) differ):\n{lines}"
-            )
+            raise mismatch_error(self.WHAT, self.path, diffs)

@@ -1,80 +1,49 @@
 """The cached pseudo-label store: K rotations and the teacher's six face answers per panorama, in LMDB.
 
 Written by ``python -m teacher_server.precompute``, read by ``labels.CachedLabels``. Layout of the LMDB
-(one directory, ``data.mdb`` + ``lock.mdb``):
+(one directory, ``data.mdb`` + ``lock.mdb``); every value carries a crc32 (:mod:`sharding.lmdb_base`):
 
+* ``__format__``: the format record (``panodistill-pseudo-labels``, version, checksum);
 * ``__header__``: JSON ``{"format", "version", "model", "face_size", "input_size", "seed", "rotations",
   "max_deg", "dtype", "compression", "created", ...}``; :meth:`PseudoLabelStore.check` compares it with the
-  training configuration and refuses a mismatch, listing every differing field;
+  training configuration and refuses a mismatch (``StoreMismatchError``, a ``sharding.cli.UserError``),
+  listing every differing field;
 * ``__stats__``: JSON totals (panoramas, teacher seconds spent computing, bytes) for :meth:`report`;
 * ``p:<key>``: ``zlib(rotations float32 (K, 3, 3) bytes + disparity float16 (K, 6, 1, F, F) bytes)``; the
   disparity is the teacher's per-face normalised answer (NaN faces kept as NaN).
 
-The LMDB environment is opened lazily in each process (never inherited across ``fork``; the object can be
-pickled into DataLoader workers or Ray tasks) and the map grows (doubles) when full.
+An entry whose checksum fails is skipped and counted (:attr:`PseudoLabelStore.corrupt_keys`): ``get``
+returns None and ``key in store`` is False for it, so precompute recomputes it and hybrid labels fall back
+to the online teacher. Opening, fork handling (the object pickles into DataLoader workers and Ray tasks
+and reopens in each process), map growth and the truncated-file check are :mod:`sharding.lmdb_base`'s.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import zlib
-from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from sharding.lmdb_base import (  # noqa: F401 - StoreMismatchError is part of this module's API
+    LmdbStore,
+    StoreDamagedError,
+    StoreMismatchError,
+    differences,
+    mismatch_error,
+    pack,
+)
+
 FORMAT = "panodistill-pseudo-labels"
-VERSION = 1
+VERSION = 2  # 2: every value carries a crc32
 _HEADER = b"__header__"
 _STATS = b"__stats__"
 _PREFIX = b"p:"
 CHECKED_FIELDS = ("model", "face_size", "input_size", "rotations", "max_deg", "seed")
-
-# LMDB allows one environment per file and process: stores on the same path share it. Entries are
-# [env, readonly, pid, users]; an entry made by another pid was inherited across fork and is never used.
-_ENVS: dict[str, list] = {}
-_ENVS_LOCK = threading.Lock()
-
-
-def _shared_env(path: Path, readonly: bool, map_size: int, lock: bool):
-    import lmdb
-
-    key, pid = os.path.realpath(path), os.getpid()
-    with _ENVS_LOCK:
-        entry = _ENVS.get(key)
-        if entry is not None and entry[2] != pid:
-            entry = None
-        if entry is not None and entry[1] and not readonly:  # a writer joins read-only users: reopen
-            entry[0].close()
-            entry = None
-        if entry is None:
-            if readonly:
-                env = lmdb.open(str(path), readonly=True, lock=lock, readahead=False, max_readers=512)
-            else:
-                env = lmdb.open(str(path), map_size=map_size, readahead=False)
-            users = _ENVS[key][3] if key in _ENVS and _ENVS[key][2] == pid else 0
-            entry = _ENVS[key] = [env, readonly, pid, users]
-        return entry
-
-
-def _release_env(path: Path) -> None:
-    key, pid = os.path.realpath(path), os.getpid()
-    with _ENVS_LOCK:
-        entry = _ENVS.get(key)
-        if entry is None or entry[2] != pid:
-            return
-        entry[3] -= 1
-        if entry[3] <= 0:
-            entry[0].close()
-            del _ENVS[key]
-
-
-class StoreMismatchError(ValueError):
-    """The store was computed with other settings than the run that wants to use it."""
 
 
 def _max_deg_list(max_deg) -> list[float]:
@@ -92,85 +61,60 @@ def make_header(*, model: str, face_size: int, input_size: int | None, seed: int
     return hdr
 
 
-class PseudoLabelStore:
+class PseudoLabelStore(LmdbStore):
     """``PseudoLabelStore(path)`` opens an existing store; ``PseudoLabelStore(path, header=...)`` creates
     one (or opens it if its header matches). ``readonly=True`` for training readers."""
 
+    WHAT = "pseudo-label store"
+    FORMAT = FORMAT
+    VERSION = VERSION
+    CREATE_HINT = "build one with python -m teacher_server.precompute --store PATH ..."
+
     def __init__(self, path: str | os.PathLike, *, header: dict | None = None, readonly: bool = False,
                  map_size: int = 1 << 28, lock: bool = True, compress_level: int = 6):
-        self.path = Path(path)
-        self.readonly = bool(readonly)
-        self._map_size = int(map_size)
-        self._lock_files = bool(lock)
-        self.compress_level = int(compress_level)
-        self._pid = None  # the process in which this object uses the shared LMDB environment
-        self._tlock = threading.Lock()
-        if self.readonly and header is not None:
+        if readonly and header is not None:
             raise ValueError("a read-only store cannot be given a header to create")
-        if not self.readonly:
-            self.path.mkdir(parents=True, exist_ok=True)
-        elif not (self.path / "data.mdb").is_file():
-            raise FileNotFoundError(f"no pseudo-label store at {self.path} (expected {self.path / 'data.mdb'}); "
-                                    f"build one with python -m teacher_server.precompute --store {self.path} ...")
+        super().__init__(path, readonly=readonly, map_size=map_size, lock=lock)
+        self.compress_level = int(compress_level)
         existing = self._get_raw(_HEADER)
         if existing is None:
+            if self._raw_present(_HEADER):
+                raise StoreDamagedError(f"pseudo-label store {self.path}: its header is corrupt; rebuild it "
+                                        f"({self.CREATE_HINT})")
             if header is None:
-                raise FileNotFoundError(f"{self.path} holds no pseudo-label header; create it with a header "
-                                        f"(python -m teacher_server.precompute)")
+                self.close()
+                raise StoreMismatchError(f"{self.path} holds no pseudo-label header; create it with a header "
+                                         f"({self.CREATE_HINT})")
             self._put_raw(_HEADER, json.dumps(header).encode())
             self._header = dict(header)
         else:
             self._header = json.loads(existing)
             if self._header.get("format") != FORMAT:
-                raise ValueError(f"{self.path} is not a pseudo-label store (format {self._header.get('format')!r})")
+                raise StoreMismatchError(f"{self.path} is not a pseudo-label store "
+                                         f"(format {self._header.get('format')!r})")
             if header is not None:
                 self.check(**{k: header[k] for k in CHECKED_FIELDS if k in header})
 
-    # -- LMDB, per process ----------------------------------------------------------------------------------
-
-    def _open(self):
-        entry = _shared_env(self.path, self.readonly, self._map_size, self._lock_files)
-        if self._pid != os.getpid():  # first use in this process: count this store among the env's users
-            with _ENVS_LOCK:
-                entry[3] += 1
-            self._pid = os.getpid()
-        return entry[0]
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_pid"], state["_tlock"] = None, None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._tlock = threading.Lock()
+    def _is_empty(self, txn: Any, dbs: dict) -> bool:
+        return txn.stat()["entries"] == 0
 
     def _get_raw(self, key: bytes) -> bytes | None:
-        import lmdb
+        """The payload under ``key``; None when absent or corrupt (counted)."""
 
-        env = self._open()
-        for _ in range(2):
-            try:
-                with env.begin(buffers=False) as txn:
-                    return txn.get(key)
-            except lmdb.MapResizedError:  # a writer grew the map meanwhile
-                env.set_mapsize(0)
-        return None
+        def fn(txn: Any, dbs: dict) -> bytes | None:
+            payload = self._payload(key.decode(errors="replace"), txn.get(key))
+            return None if payload is None else bytes(payload)
+
+        return self._read(fn)
+
+    def _raw_present(self, key: bytes) -> bool:
+        return self._read(lambda txn, dbs: txn.get(key) is not None)
 
     def _put_raw(self, key: bytes, value: bytes) -> None:
-        import lmdb
-
         if self.readonly:
             raise PermissionError(f"the pseudo-label store {self.path} is open read-only")
-        env = self._open()
-        with self._tlock:
-            while True:
-                try:
-                    with env.begin(write=True) as txn:
-                        txn.put(key, value)
-                    return
-                except lmdb.MapFullError:
-                    env.set_mapsize(env.info()["map_size"] * 2)
+        blob = pack(value)
+        self._write(lambda txn, dbs: txn.put(key, blob))
 
     # -- header ---------------------------------------------------------------------------------------------
 
@@ -188,30 +132,27 @@ class PseudoLabelStore:
 
     def check(self, *, model: str | None = None, face_size: int | None = None, input_size: int | None = None,
               rotations: int | None = None, max_deg=None, seed: int | None = None) -> None:
-        """Refuse (``StoreMismatchError``) when a given field differs from the header; None = not checked.
-        Model names are compared after resolving aliases and local paths."""
+        """Refuse (``StoreMismatchError``, naming the store and every differing field) when a given field
+        differs from the header; None = not checked. Model names are compared after resolving aliases and
+        local paths."""
         from .models import resolve_model_name
 
         want = {"model": model, "face_size": face_size, "input_size": input_size, "rotations": rotations,
-                "max_deg": max_deg, "seed": seed}
-        bad = []
-        for name, value in want.items():
-            if value is None:
-                continue
-            have = self._header.get(name)
+                "max_deg": None if max_deg is None else _max_deg_list(max_deg), "seed": seed}
+        want = {k: v for k, v in want.items() if v is not None}
+
+        def same(name: str, have: Any, value: Any) -> bool:
             if name == "model":
-                same = resolve_model_name(str(value)) == resolve_model_name(str(have))
-            elif name == "max_deg":
-                same = np.allclose(_max_deg_list(value), _max_deg_list(have if have is not None else [-1]))
-            else:
-                same = have is not None and int(value) == int(have)
-            if not same:
-                bad.append(f"{name}: store has {have!r}, the configuration asks for {value!r}")
-        if bad:
-            raise StoreMismatchError(
-                f"the pseudo-label store {self.path} does not match this run:\n  " + "\n  ".join(bad) +
-                "\nRecompute it (python -m teacher_server.precompute --store NEW ...) with these settings, or "
-                "change the run's teacher settings to the store's.")
+                return resolve_model_name(str(value)) == resolve_model_name(str(have))
+            if name == "max_deg":
+                return bool(np.allclose(_max_deg_list(value), _max_deg_list(have)))
+            return have is not None and int(value) == int(have)
+
+        diffs = differences(self._header, want, same)
+        if diffs:
+            raise mismatch_error(self.WHAT, self.path, diffs,
+                                 "Recompute it (python -m teacher_server.precompute --store NEW ...) with these "
+                                 "settings, or change the run's teacher settings to the store's.")
 
     # -- entries --------------------------------------------------------------------------------------------
 
@@ -228,39 +169,50 @@ class PseudoLabelStore:
         return len(blob)
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rotations float32 (K, 3, 3), disparity float32 (K, 6, 1, F, F)) or None when not stored."""
-        blob = self._get_raw(_PREFIX + key.encode())
+        """(rotations float32 (K, 3, 3), disparity float32 (K, 6, 1, F, F)); None when not stored or corrupt
+        (a corrupt entry is logged with its key and counted in :attr:`corrupt_keys`)."""
+        kb = _PREFIX + key.encode()
+
+        def fn(txn: Any, dbs: dict) -> bytes | None:
+            payload = self._payload(key, txn.get(kb))
+            return None if payload is None else bytes(payload)
+
+        blob = self._read(fn)
         if blob is None:
             return None
         k, f = self.rotations, self.face_size
-        raw = zlib.decompress(blob)
         n_rot = k * 9 * 4
+        try:
+            raw = zlib.decompress(blob)
+            if len(raw) != n_rot + k * 6 * f * f * 2:
+                raise ValueError(f"{len(raw)} bytes, expected {n_rot + k * 6 * f * f * 2}")
+        except (zlib.error, ValueError) as exc:  # checksum fine, contents not: written by something else
+            self._mark_corrupt(key, str(exc))
+            return None
         rot = np.frombuffer(raw, dtype="<f4", count=k * 9).reshape(k, 3, 3)
         disp = np.frombuffer(raw, dtype="<f2", offset=n_rot).reshape(k, 6, 1, f, f)
         return torch.from_numpy(rot.astype(np.float32)), torch.from_numpy(disp.astype(np.float32))
 
     def __contains__(self, key: str) -> bool:
-        import lmdb
-
-        env = self._open()
-        for _ in range(2):
-            try:
-                with env.begin() as txn:
-                    with txn.cursor() as cur:
-                        return cur.set_key(_PREFIX + key.encode())
-            except lmdb.MapResizedError:  # a writer in another process grew the map
-                env.set_mapsize(0)
-        return False
+        """True when ``key`` has a sound entry (a corrupt one is counted and reported as absent)."""
+        kb = _PREFIX + key.encode()
+        return self._read(lambda txn, dbs: self._payload(key, txn.get(kb)) is not None)
 
     def keys(self) -> Iterator[str]:
-        env = self._open()
-        with env.begin() as txn:
+        """Stored keys (corrupt entries included: their values are not read), read in one transaction."""
+
+        def fn(txn: Any, dbs: dict) -> list[str]:
+            out = []
             with txn.cursor() as cur:
                 if cur.set_range(_PREFIX):
                     for k in cur.iternext(keys=True, values=False):
+                        k = bytes(k)
                         if not k.startswith(_PREFIX):
                             break
-                        yield k[len(_PREFIX):].decode()
+                        out.append(k[len(_PREFIX):].decode())
+            return out
+
+        return iter(self._read(fn))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
@@ -285,9 +237,7 @@ class PseudoLabelStore:
         n = len(self)
         tot = self.stats_totals()
         k = self.rotations
-        env = self._open()
-        info = env.info()
-        stat = env.stat()
+        info, stat = self._env_info()
         used = (info["last_pgno"] + 1) * stat["psize"]
         secs = float(tot.get("teacher_seconds", 0.0))
         computed = max(int(tot.get("computed_panoramas", 0)), 1)
@@ -307,8 +257,3 @@ class PseudoLabelStore:
                 f"MiB on disk; teacher time spent {r['teacher_seconds']:.1f} s "
                 f"({r['teacher_seconds_per_panorama'] * 1000:.1f} ms per panorama), i.e. "
                 f"{r['teacher_seconds_per_epoch']:.1f} s of teacher time saved per training epoch")
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            _release_env(self.path)
-        self._pid = None

@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,3 +313,106 @@ def test_import_real_sample_masks_gives_their_valid_fractions(tmp_path, samples_
         np.testing.assert_array_equal(store.get(key), ref)
         assert store.source(key) == "imported" and not store.is_rejected(key)
     assert 0.5 < store.valid_fraction("b0") < 0.9
+
+
+# ------------------------------------------------------------------------------------ damage
+def flip_value_byte(path, key: bytes, db: bytes | None = None) -> None:
+    """Flip one byte in the middle of the value stored under ``key`` (found in data.mdb by its bytes).
+    Shared with tests/test_teacher_store.py."""
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, max_dbs=8, lock=False)
+    with env.begin() as txn:
+        value = txn.get(key, db=env.open_db(db, txn=txn, create=False) if db else None)
+    env.close()
+    data = bytearray(Path(path, "data.mdb").read_bytes())
+    at = data.find(value)
+    assert at >= 0
+    while at >= 0:  # every copy (an older transaction's freed page may hold one too)
+        data[at + len(value) // 2] ^= 0xFF
+        at = data.find(value, at + 1)
+    Path(path, "data.mdb").write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_reported_as_corrupt_not_returned(tmp_path, caplog):
+    path = tmp_path / "m.lmdb"
+    store = MaskStore(path)
+    masks = {f"k{i}": np.random.default_rng(i).random((40, 81)) < 0.5 for i in range(5)}
+    for k, m in masks.items():
+        store.put(k, m)
+    store.close()
+    flip_value_byte(path, b"k2", b"masks")
+
+    ro = MaskStore(path, readonly=True)
+    with caplog.at_level("WARNING", logger="sharding.lmdb_base"):
+        assert ro.get("k2") is None and ro.entry("k2") is None and "k2" not in ro
+    assert ro.corrupt == 1 and list(ro.corrupt_keys) == ["k2"] and "checksum" in ro.corrupt_keys["k2"]
+    assert sum("'k2' is corrupt" in r.getMessage() for r in caplog.records) == 1  # logged once, with the key
+    with pytest.raises(KeyError, match="'k2' is corrupt"):
+        ro.valid_fraction("k2")
+    for k in ("k0", "k1", "k3", "k4"):  # the others are untouched
+        np.testing.assert_array_equal(ro.get(k), masks[k])
+    s = ro.summary()
+    assert (s["entries"], s["corrupt"], s["corrupt_keys"]) == (4, 1, ["k2"])
+    assert ro.keys() == sorted(masks) and len(ro) == 5  # the key is still listed; its value is not trusted
+    ro.close()
+    rw = MaskStore(path)  # rewriting the entry heals it
+    rw.put("k2", masks["k2"])
+    np.testing.assert_array_equal(rw.get("k2"), masks["k2"])
+    assert rw.corrupt == 0
+
+
+def test_truncated_store_is_a_user_error_naming_the_store_not_sigbus(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.lmdb"
+    store = MaskStore(path)
+    for i in range(30):
+        store.put(f"k{i:02d}", np.random.default_rng(i).random((200, 400)) < 0.5)
+    store.close()
+    data = path / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    code = ("import sys\nfrom sharding import cli\nfrom sharding.mask_store import MaskStore\n"
+            "sys.exit(cli.run(lambda a: len(MaskStore(a[0], readonly=True).keys()) and 0))")
+    for extra in ([], ["--writable"]):
+        if extra:
+            code = code.replace("readonly=True", "readonly=False")
+        p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[1])
+        assert p.returncode == 2, (p.returncode, p.stderr[-800:])
+        assert f"error: mask store {path}" in p.stderr and "truncated" in p.stderr
+        assert "shared memory" not in p.stderr
+
+
+def test_missing_store_and_mismatch_are_user_errors(tmp_path):
+    from sharding.cli import UserError
+
+    with pytest.raises(UserError, match="mask store not found at .*nowhere.lmdb"):
+        MaskStore(tmp_path / "nowhere.lmdb", readonly=True)
+    store = MaskStore(tmp_path / "m.lmdb")
+    store.set_metadata({"detector": "a", "box_threshold": 0.3})
+    with pytest.raises(UserError, match=r"(?s)mask store .*m.lmdb .*1 field\(s\) differ.*detector: store has 'a'"):
+        store.check_metadata({"detector": "b", "box_threshold": 0.3})
+
+
+def test_a_store_without_checksums_is_refused(tmp_path):
+    """A store of the first format (no format record, no checksums) is named and refused, not misread."""
+    import lmdb
+
+    from sharding.lmdb_base import StoreMismatchError
+
+    env = lmdb.open(str(tmp_path / "old.lmdb"), max_dbs=4)
+    db = env.open_db(b"masks")
+    env.open_db(b"rejected")
+    env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"k", b"PDM1 old layout", db=db)
+    env.close()
+    with pytest.raises(StoreMismatchError, match="old.lmdb holds data but no format record.*older"):
+        MaskStore(tmp_path / "old.lmdb", readonly=True).keys()
+    with pytest.raises(StoreMismatchError, match="not a mask store"):
+        PseudoLabelLike = __import__("teacher_server.store", fromlist=["PseudoLabelStore"]).PseudoLabelStore
+        PseudoLabelLike(tmp_path / "p.lmdb", header={"format": "panodistill-pseudo-labels", "face_size": 4,
+                                                     "rotations": 1}).close()
+        MaskStore(tmp_path / "p.lmdb", readonly=True).keys()

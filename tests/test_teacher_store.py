@@ -203,3 +203,46 @@ def test_hybrid_labels_mix_per_sample(tmp_path):
         half.request(_batch(["key_0", "key_1"]), rots[:2], F_SIZE).result()
     frac = half.stats()["online_fraction_observed"]
     assert 0.25 < frac < 0.75
+
+
+def test_flipped_bytes_are_counted_and_recomputed(tmp_path):
+    from test_mask_store import flip_value_byte
+
+    path, entries = _labels_store(tmp_path)
+    flip_value_byte(path, b"p:key_1")
+    ro = PseudoLabelStore(path, readonly=True)
+    assert ro.get("key_1") is None and "key_1" not in ro
+    assert ro.corrupt == 1 and "checksum" in ro.corrupt_keys["key_1"]
+    assert ro.get("key_0") is not None and "key_2" in ro and sorted(ro.keys()) == sorted(entries)
+    ro.close()
+
+
+def test_truncated_store_is_a_user_error_naming_the_store(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "pseudo.lmdb"
+    store = PseudoLabelStore(path, header=_header())
+    for i in range(20):
+        store.put(f"key_{i}", *_entry(i))
+    store.close()
+    data = path / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    code = ("import sys\nfrom sharding import cli\nfrom teacher_server.store import PseudoLabelStore\n"
+            "sys.exit(cli.run(lambda a: len(PseudoLabelStore(a[0], readonly=True)) and 0))")
+    p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 2, (p.returncode, p.stderr[-800:])  # not 135 (SIGBUS)
+    assert f"error: pseudo-label store {path}" in p.stderr and "truncated" in p.stderr
+
+
+def test_missing_store_and_mismatch_are_user_errors(tmp_path):
+    from sharding.cli import UserError
+
+    with pytest.raises(UserError, match="pseudo-label store not found at .*absent.lmdb.*precompute"):
+        PseudoLabelStore(tmp_path / "absent.lmdb", readonly=True)
+    PseudoLabelStore(tmp_path / "p.lmdb", header=_header()).close()
+    with pytest.raises(UserError, match=r"(?s)pseudo-label store .*p.lmdb.*seed: store has 0, expected 3"):
+        PseudoLabelStore(tmp_path / "p.lmdb", header=_header(seed=3))
