@@ -57,6 +57,7 @@ class DeepSpeedEngine:
 
         init_distributed(device)
         self.device = device
+        self.optim_config, self.zero_stage, self.micro_batch = optim, zero_stage, micro_batch
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         module = module.to(device)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -67,6 +68,13 @@ class DeepSpeedEngine:
         from student.engine import amp_dtype
 
         self.amp = amp_dtype(optim.amp, device)
+
+    def companion(self, module: nn.Module, *, lr: float | None = None,
+                  weight_decay: float | None = None) -> "DeepSpeedEngine":
+        """A second data-parallel engine (same ZeRO stage and micro batch) for a network trained beside the
+        student, e.g. a recipe's discriminator; see ``student.engine.LocalEngine.companion``."""
+        return DeepSpeedEngine(module, self.optim_config, self.device, zero_stage=self.zero_stage,
+                               micro_batch=self.micro_batch, lr=lr, weight_decay=weight_decay)
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         import torch.distributed as dist

@@ -3,7 +3,7 @@
 # Usage: cluster/start_local_head.sh [NUM_CPUS] ; stop with `ray stop`.
 set -euo pipefail
 NUM_CPUS="${1:-$(nproc)}"
-# Without this Ray picks a non-loopback node address and listens on all interfaces (STACK-NOTES).
+# Without this Ray picks a non-loopback node address and listens on all interfaces (measured; docs/STACK.md).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 ray start --head --node-ip-address 127.0.0.1 --port "${RAY_PORT:-6379}" \

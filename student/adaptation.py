@@ -48,17 +48,10 @@ class AdaptationRecipe:
         from student.models import build_discriminator
 
         self.cfg, self.a, self.amp = cfg, cfg.adversarial, engine.amp
-        disc = build_discriminator(encoder=self.a.disc_encoder)
-        if engine.kind == "deepspeed":
-            from cluster.deepspeed_engine import DeepSpeedEngine
-
-            self.disc = DeepSpeedEngine(disc, cfg.optim, device, zero_stage=cfg.cluster.zero_stage,
-                                        micro_batch=cfg.data.batch_size, lr=self.a.disc_lr,
-                                        weight_decay=self.a.disc_weight_decay)
-        else:
-            from student.engine import LocalEngine
-
-            self.disc = LocalEngine(disc, cfg.optim, device, lr=self.a.disc_lr, weight_decay=self.a.disc_weight_decay)
+        # The discriminator is trained the way the student is (one process, or data-parallel on every
+        # rank): the engine makes its companion, so this recipe never names an engine class.
+        self.disc = engine.companion(build_discriminator(encoder=self.a.disc_encoder), lr=self.a.disc_lr,
+                                     weight_decay=self.a.disc_weight_decay)
 
     def adversarial(self, step: int) -> bool:
         return step >= self.a.pretrain_steps
