@@ -79,15 +79,24 @@ class TeacherMetrics:
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> bool:
         """Serve this registry over HTTP; False (and a warning) when the port cannot be bound."""
-        return start_metrics_server(self.registry, port, addr)
+        self._server = start_metrics_server(self.registry, port, addr)
+        return self._server is not None
+
+    def close(self) -> None:
+        """Stop serving (a replica's process ends with its server; tests and in-process teachers call this)."""
+        server, self._server = getattr(self, "_server", None), None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
-def start_metrics_server(registry, port: int, addr: str = "127.0.0.1") -> bool:
+def start_metrics_server(registry, port: int, addr: str = "127.0.0.1"):
+    """The HTTP server of ``registry`` on ``addr:port``, or None (and a warning) when it cannot listen."""
     from prometheus_client import start_http_server
 
     try:
-        start_http_server(int(port), addr=addr, registry=registry)
-        return True
+        server, _ = start_http_server(int(port), addr=addr, registry=registry)
+        return server
     except OSError as exc:
         log.warning("teacher metrics: could not listen on %s:%s (%s); metrics stay off", addr, port, exc)
-        return False
+        return None

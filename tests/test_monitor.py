@@ -4,6 +4,12 @@ and the optional TensorBoard writer of a tiny run, read back."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -96,3 +102,67 @@ def test_live_trainer_scrape_passes_promtool_and_tensorboard_gets_the_curves(tmp
     assert events["loss/loss"][-1][1] == pytest.approx([x for x in jsonl if "losses" in x][-1]["losses"]["loss"])
     png = events["eval/depth_preview"][0][1]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and [s for s, _ in events["eval/depth_preview"]][:2] == [2, 4]
+
+
+def _dashboard_exprs() -> list[str]:
+    board = json.loads((ROOT / "cluster" / "grafana_dashboard.json").read_text())
+    return [t["expr"] for p in board["panels"] for t in p["targets"]]
+
+
+def test_dashboard_names_only_series_we_export():
+    from teacher_server.metrics import REPLICA_METRICS
+
+    kinds = {**{k: v[0] for k, v in TRAINER_METRICS.items()}, **REPLICA_METRICS}
+    for expr in _dashboard_exprs():
+        for name in re.findall(r"panodistill_\w+", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            ok = name in kinds or (base in kinds and kinds[base] == "histogram")
+            assert ok, f"the dashboard uses {name}, which no pano-distill process exports ({expr})"
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="Debian's prometheus server is not installed (.ci/run installs it when it can)")
+def test_prometheus_evaluates_every_dashboard_query(tmp_path):
+    """A real Prometheus scrapes a trainer's and a replica's registry and answers each panel's query."""
+    from teacher_server.metrics import TeacherMetrics
+
+    trainer = Monitor(None, port=0)
+    replica = TeacherMetrics("0")
+    rport, prom_port = free_port(), free_port()
+    assert replica.serve(rport)
+    for step in range(1, 4):
+        trainer.count(2, 2, 0.5)
+        trainer.log(_window(step, {"nan_depth": step}, {"faces": 8.0 * step, "queue_depth": 1.0}))
+        replica.faces.inc(8)
+        replica.latency.observe(0.05)
+    (tmp_path / "prom.yml").write_text(
+        "global: {scrape_interval: 1s}\nscrape_configs:\n"
+        f"  - job_name: trainer\n    static_configs: [{{targets: ['127.0.0.1:{trainer.port}']}}]\n"
+        f"  - job_name: teacher\n    static_configs: [{{targets: ['127.0.0.1:{rport}']}}]\n")
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prom.yml'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def query(expr: str) -> dict:
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline, up = time.time() + 60, []
+        while time.time() < deadline and len(up) < 2:
+            try:
+                up = [x for x in query("up == 1")["data"]["result"]]
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert len(up) == 2, "Prometheus did not scrape both endpoints"
+        for expr in _dashboard_exprs():
+            assert query(expr)["status"] == "success", expr
+        loss = query('panodistill_loss{part="loss"}')["data"]["result"]
+        assert [float(x["value"][1]) for x in loss] == [0.5]
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        trainer.close()
+        replica.close()

@@ -81,5 +81,12 @@ def test_live_replica_series_pass_promtool_and_count_what_happened():
 
 def test_a_taken_port_leaves_metrics_off_instead_of_failing():
     port = free_port()
-    assert TeacherMetrics("0").serve(port)
-    assert TeacherMetrics("1").serve(port) is False
+    first, second = TeacherMetrics("0"), TeacherMetrics("1")
+    assert first.serve(port)
+    try:
+        assert second.serve(port) is False
+        assert 'panodistill_teacher_faces_total{replica="0"}' in scrape(port)
+    finally:
+        first.close()
+    assert second.serve(port)  # free again after close()
+    second.close()
