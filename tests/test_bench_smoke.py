@@ -68,3 +68,11 @@ def test_gpu_bench_tiny_cpu(tmp_path):
     # the printed table names every section
     for word in ("teacher", "student training step", "full distillation step", "projections", "TINY MODE"):
         assert word in proc.stdout
+
+
+def test_gpu_bench_names_a_bad_flag_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--sections", "teacher,nope"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --sections: unknown ['nope']; choose from teacher,student,full_step,projection"]
