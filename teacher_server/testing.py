@@ -150,3 +150,39 @@ class ToyFaceModel(nn.Module):
                 raise ValueError(f"unknown toy teacher option {k!r} in {spec!r}")
             opts["sleep"] = float(v)
         return cls(parts[1], **opts)
+
+
+# --------------------------------------------------------------------------------------- test shards
+
+
+def write_panorama_shards(folder, n: int = 5, per_shard: int = 3, height: int = 32, *, bad_every: int = 0,
+                          style: str = "apartment") -> tuple[list[str], list[str]]:
+    """Unlabeled WebDataset shards of ``n`` generated panoramas (``height`` x 2 ``height``), written as
+    ``sharding.build`` writes them -> (keys of the good samples, shard paths). With ``bad_every=k`` every
+    k-th sample (1-based) is written without its image (read as ``incomplete_sample`` and skipped) and its
+    key is not returned. For tests and benchmarks of precompute."""
+    from pathlib import Path
+
+    from webdataset import TarWriter
+
+    from sharding.format import encode_png, encode_sample
+    from sharding.synthetic import generate_panorama
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys, paths = [], []
+    for s in range(0, n, per_shard):
+        path = folder / f"unlabeled-{s // per_shard:06d}.tar"
+        writer = TarWriter(str(path), encoder=False)
+        for i in range(s, min(n, s + per_shard)):
+            key = f"gen-{i:03d}"
+            meta = {"source": "test", "split": "unlabeled", "path": key}
+            if bad_every and (i + 1) % bad_every == 0:
+                writer.write({"__key__": key, "meta.json": b"{}"})  # no image: incomplete_sample
+                continue
+            rgb = generate_panorama(i, style, height)["rgb"]
+            writer.write(encode_sample(key, encode_png(rgb), meta=meta))
+            keys.append(key)
+        writer.close()
+        paths.append(str(path))
+    return keys, paths
