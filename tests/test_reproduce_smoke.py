@@ -1,4 +1,5 @@
-"""bench/reproduce.py at toy size: teacher training, sharding, cached pseudo labels, five rows, evaluation."""
+"""bench/reproduce.py at toy size: teacher training, sharding, cached pseudo labels, every stage and row,
+the baselines, the oracle dose-response and the paired differences."""
 
 import json
 import math
@@ -6,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _evidence as ev  # noqa: E402
+import reproduce  # noqa: E402
 
 
 def test_reproduce_runs_end_to_end_at_toy_size(tmp_path):
@@ -14,15 +21,51 @@ def test_reproduce_runs_end_to_end_at_toy_size(tmp_path):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "reproduce_toy.json").read_text())
-    rows = list(result["table"])
-    assert rows == ["teacher on cube faces, merged", "teacher on cube faces, each face fitted to GT", "student, labeled only", "+ pseudo labels, no rotation",
-                    "+ pseudo labels, rotation", "+ pseudo labels, rotation, masks"]
-    for row in rows:
-        for split in ("A", "B"):
-            for metric in ("abs_rel", "delta1", "delta2", "delta3"):
-                assert math.isfinite(result["table"][row][split][metric]["mean"])
+    table = result["table"]
+    assert list(table)[:4] == ["teacher on cube faces, merged", "teacher on cube faces, each face fitted to GT",
+                               "baseline: constant distance, each face fitted to GT", "baseline: constant depth"]
+    oracle = [r for r in table if r.startswith("oracle teacher")]
+    assert len(oracle) == 2 and "noise 0.4" in oracle[-1]
+    assert {"student, labeled only", "+ pseudo labels, rotation, masks", "+ pseudo labels, no rotation",
+            "+ pseudo labels, rotation"} <= set(table)
+    for row, t in table.items():
+        for split in ("B", "U"):
+            for proto in ("lstsq", "median"):
+                assert math.isfinite(t[f"{split}/{proto}/abs_rel"]["mean"]), (row, split, proto)
+    assert table["student, labeled only"]["n"] == 2 and table["+ pseudo labels, rotation, masks"]["n"] == 2
+    paired = table["+ pseudo labels, rotation, masks"]["B/paired_vs_labeled_only"]
+    assert paired["n"] == 2 and paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
+    # the content-free baseline is a constant depth: lstsq and median give the same numbers for it
+    const = table["baseline: constant depth"]
+    assert const["B/lstsq/abs_rel"]["mean"] == pytest.approx(const["B/median/abs_rel"]["mean"], rel=0.05)
     # the pipeline really ran its parts: a trained teacher folder and two pseudo-label stores with a report
     assert (tmp_path / "work" / "teacher" / "config.json").is_file()
     for name in ("rotated", "unrotated"):
         assert json.loads((tmp_path / "work" / f"pseudo_{name}.json").read_text())["panoramas"] > 0
-    assert "| + pseudo labels, rotation, masks |" in (tmp_path / "out" / "reproduce_toy.md").read_text()
+    md = (tmp_path / "out" / "reproduce_toy.md").read_text()
+    assert "| baseline: constant depth |" in md and "fitted constant-distance baseline" in md
+
+
+def test_sets_are_disjoint_and_sized_like_the_brief():
+    s = reproduce.Scale()
+    reproduce.check_disjoint(s)
+    counts = reproduce.set_counts(s)
+    assert sum(counts["labeled"].values()) >= 100 and sum(counts["unlabeled"].values()) >= 3 * s.labeled
+    assert set(counts["unlabeled"]) == {"apartment", "house", "office"} and sum(counts["test_b"].values()) >= 300
+    assert len(s.decisive_seeds) >= 5 and len(s.seeds) >= 3 and s.schedule == "cosine"
+    bad = reproduce.Scale(unlabeled=3 * (reproduce.SEED_GAP + 1))
+    with pytest.raises(ValueError, match="seed gap"):
+        reproduce.check_disjoint(bad)
+
+
+def test_paired_difference_t_interval():
+    d = ev.paired_difference({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 1.0, 2: 2.0})
+    # diffs 0.5, 1.0, 1.0: mean 0.8333, sd 0.2887, t(2) = 4.303 -> half width 0.7172
+    assert d["mean"] == pytest.approx(5 / 6) and d["ci95"][1] - d["mean"] == pytest.approx(0.7172, abs=1e-3)
+    assert ev.paired_difference({0: 1.0}, {0: 2.0, 1: 3.0}) is None
+
+
+def test_constant_distance_faces_are_not_constant_on_a_face():
+    faces = ev.constant_distance_faces(16).reshape(6, 16, 16)
+    assert (faces[:, 0, 0] > faces[:, 8, 8]).all()  # planar disparity 1 / (r cos angle) grows to the corners
+    assert faces.min() >= 1.0 - 1e-5 and faces.max() <= 3 ** 0.5 + 1e-3
