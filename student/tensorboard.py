@@ -19,6 +19,7 @@ TensorBoard (the tests use it; so can a script).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from pathlib import Path
 
@@ -48,7 +49,10 @@ class TensorBoardWriter:
             from tensorboardX import SummaryWriter
 
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(self.logdir), purge_step=self._purge_step, flush_secs=self.flush_secs)
+            # the file name has the time in whole seconds: pid and purge step keep two sessions' files apart
+            suffix = f".{os.getpid()}.{self._purge_step or 0}"
+            self._writer = SummaryWriter(str(self.logdir), purge_step=self._purge_step, flush_secs=self.flush_secs,
+                                         filename_suffix=suffix)
         return self._writer
 
     def log(self, record: dict) -> None:
@@ -119,7 +123,8 @@ def preview_image(model: torch.nn.Module, samples, device: torch.device, n: int 
 
 def read_events(logdir: str | Path) -> dict[str, list[tuple[int, object]]]:
     """Every event file under ``logdir``: ``tag -> [(step, value)]`` (a float for scalars, the encoded
-    image bytes for images), in file order. Reads the TFRecord framing; skips a truncated tail."""
+    image bytes for images), in file order, with TensorBoard's purge on resume (a session START at step s
+    drops what earlier files logged at s or later). Reads the TFRecord framing; skips a truncated tail."""
     from tensorboardX.proto import event_pb2
 
     out: dict[str, list[tuple[int, object]]] = {}
@@ -134,6 +139,8 @@ def read_events(logdir: str | Path) -> dict[str, list[tuple[int, object]]]:
                 break
             event = event_pb2.Event()
             event.ParseFromString(body)
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: [(s, v) for s, v in seq if s < event.step] for tag, seq in out.items()}
             for v in event.summary.value:
                 value = v.image.encoded_image_string if v.HasField("image") else v.simple_value
                 out.setdefault(v.tag, []).append((int(event.step), value))
