@@ -107,7 +107,7 @@ def run_training_process(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1
     engine = make_engine(model, cfg, device) if make_engine else LocalEngine(model, cfg.optim, device)
     state, resumed_from = resume(engine, cfg, world_size, rank)
     port = cfg.run.metrics_port if world_size == 1 else (cfg.cluster.metrics_port + rank if cfg.cluster.metrics_port >= 0 else -1)
-    tensorboard = run_dir / "tensorboard" if rank == 0 and getattr(cfg.run, "tensorboard", False) else None
+    tensorboard = run_dir / "tensorboard" if rank == 0 and cfg.run.tensorboard else None
     monitor = Monitor(run_dir, rank=rank, port=port, host=cfg.run.metrics_host, write_jsonl=rank == 0,
                       tensorboard=tensorboard)
     if port >= 0:
