@@ -16,6 +16,11 @@ times:
 It prints panoramas/s for each, their medians and the ratio reader / bare (goal >= 0.8). Because
 wall-clock rates on a shared machine depend on whatever else runs, it also prints the CPU time per panorama
 of both (the reader's workers and main process together) and the ratio that implies on idle cores.
+
+Shard verification (``sharding.verify``: each shard's sha256 against the manifest, on first open) is measured
+side by side in the same rounds: the reader with ``verify=False``, with verification and an empty cache
+(every shard hashed: the first epoch of a process), and with the cache that pass filled (later epochs). It
+prints each median and the ratios verified / unverified.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sharding import verify  # noqa: E402
 from sharding.build import build  # noqa: E402
 from sharding.stream import make_loader  # noqa: E402
 
@@ -85,9 +91,9 @@ def _autogroup() -> bool:
         return False
 
 
-def reader_pass(out: Path, args) -> int:
+def reader_pass(out: Path, args, check: bool = True) -> int:
     loader = make_loader(out, batch_size=args.batch_size, num_workers=args.workers, height=args.height,
-                         shuffle=0, prefetch_factor=args.prefetch)
+                         shuffle=0, prefetch_factor=args.prefetch, verify=check)
     n = 0
     for batch in loader:
         assert batch["rgb"].shape[1:] == (3, args.height, 2 * args.height)
@@ -130,7 +136,14 @@ def main(argv=None) -> int:
         reader_pass(out, args)  # warm-up (page cache, imports in workers)
         bare_pass(blobs[: len(blobs) // 4])
         reader_rates, bare_rates, reader_cpu, bare_cpu = [], [], [], []
+        plain_rates, warm_rates, plain_cpu, warm_cpu = [], [], [], []
         for r in range(args.rounds):
+            cp = _cpu()
+            t = time.perf_counter()
+            n = reader_pass(out, args, check=False)
+            plain_rates.append(n / (time.perf_counter() - t))
+            plain_cpu.append(sum(_cpu()) - sum(cp))
+            verify.clear_cache()  # every shard is hashed in this pass, as in a process's first epoch
             c0 = _cpu()
             t = time.perf_counter()
             n = reader_pass(out, args)
@@ -142,12 +155,32 @@ def main(argv=None) -> int:
             c2 = _cpu()
             reader_cpu.append((c1[0] - c0[0] + c1[1] - c0[1]) / n * 1000)
             bare_cpu.append((c2[0] - c1[0]) / n_samples * 1000)
+            cw = _cpu()
+            t = time.perf_counter()
+            n = reader_pass(out, args)  # the cache of the previous reader pass: no shard is hashed again
+            warm_rates.append(n / (time.perf_counter() - t))
+            warm_cpu.append(sum(_cpu()) - sum(cw))
+            plain_cpu[-1], warm_cpu[-1] = plain_cpu[-1] / n * 1000, warm_cpu[-1] / n * 1000
             print(f"round {r + 1}: reader {reader_rates[-1]:7.1f} pano/s ({n} delivered, {reader_cpu[-1]:.1f} ms CPU "
-                  f"each)   bare decode {bare_rates[-1]:7.1f} pano/s ({bare_cpu[-1]:.1f} ms CPU each)")
+                  f"each)   bare decode {bare_rates[-1]:7.1f} pano/s ({bare_cpu[-1]:.1f} ms CPU each)   "
+                  f"unverified {plain_rates[-1]:7.1f}, verified (cached) {warm_rates[-1]:7.1f} pano/s")
         rm, bm = statistics.median(reader_rates), statistics.median(bare_rates)
         ratio = rm / bm
         print(f"median: reader {rm:.1f} pano/s, bare decode {bm:.1f} pano/s, ratio {ratio:.2f} "
               f"({'meets' if ratio >= 0.8 else 'BELOW'} the 0.8 goal)")
+        pm, wm = statistics.median(plain_rates), statistics.median(warm_rates)
+        total_mib = sum(f.stat().st_size for f in out.glob("*.tar")) / 2**20
+        t = time.perf_counter()
+        for f in sorted(out.glob("*.tar")):
+            verify.sha256_file(f)
+        hash_s = time.perf_counter() - t
+        print(f"verification: unverified {pm:.1f} pano/s, verified with every shard hashed {rm:.1f} pano/s "
+              f"(ratio {rm / pm:.3f}), verified from the cache {wm:.1f} pano/s (ratio {wm / pm:.3f}); hashing "
+              f"all {total_mib:.1f} MiB of shards alone takes {hash_s * 1000:.0f} ms in one process "
+              f"({total_mib / max(hash_s, 1e-9):.0f} MiB/s, {hash_s / n_samples * 1000:.2f} ms per panorama)")
+        pc, wc, rc0 = statistics.median(plain_cpu), statistics.median(warm_cpu), statistics.median(reader_cpu)
+        print(f"verification, CPU per panorama (robust to load): unverified {pc:.1f} ms, every shard hashed "
+              f"{rc0:.1f} ms ({rc0 / pc:.3f}x), from the cache {wc:.1f} ms ({wc / pc:.3f}x)")
         # Wall-clock rates depend on what else runs on the machine; CPU time per panorama does not.
         rc, bc = statistics.median(reader_cpu), statistics.median(bare_cpu)
         cores = os.cpu_count() or 1
