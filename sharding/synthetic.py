@@ -4,7 +4,7 @@ A scene is an axis-aligned room with furniture (boxes and vertical cylinders), p
 point lights and optional windows onto a sky. Rendering casts one ray per pixel against every surface at
 once (room planes, slab tests for boxes, a quadratic for cylinders) and keeps the nearest positive hit.
 
-Conventions (``DESIGN.md`` and ``panorama``):
+Conventions (``docs/DESIGN.md`` and ``panorama``):
 
 * World frame: x right, y up, z forward. The room is ``[0, W] x [0, H] x [0, D]`` (floor ``y = 0``); the
   camera is level, at ``scene.camera``, at least ``CAMERA_CLEARANCE`` metres from every surface and
