@@ -6,19 +6,33 @@ data position: ``trainer.pt`` for one process, DeepSpeed's own files in cluster 
 written under a temporary name and renamed when complete, and ``latest`` is replaced atomically, so a
 run killed while saving resumes from the previous complete checkpoint. Everything loads with
 ``torch.load(..., weights_only=True)``.
+
+Integrity: ``torch.save`` writes a zip whose members carry CRC-32s, but ``torch.load`` never checks them
+(4 KB flipped inside ``trainer.pt`` loads silently). ``load`` verifies every member's CRC first
+(``zipfile.ZipFile.testzip``, a sequential read, ~1 s per GB) and reports a damaged file by path
+(``CorruptCheckpoint``); ``intact_checkpoint`` lets a resume fall back to the newest intact ``step_*``.
+A checkpoint whose weights are not finite is refused by path and tensor name (``NonFiniteCheckpoint``):
+a diverged model must never be evaluated or used as if it were a model.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sharding.cli import UserError
+
+log = logging.getLogger("pano_distill.checkpoint")
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -38,8 +52,155 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         cand = root / pointer.read_text().strip()
         if cand.is_dir():
             return cand
+    steps = step_dirs(run_dir)
+    return steps[0] if steps else None
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file is damaged or incomplete; the message names the file."""
+
+
+class NonFiniteCheckpoint(UserError):
+    """A checkpoint's weights hold NaN or infinity; the message names the file and the first bad tensor."""
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's ``step_*`` folders, newest first."""
+    root = checkpoint_root(run_dir)
     steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)) and p.is_dir())
-    return steps[-1][1] if steps else None
+    return [p for _, p in reversed(steps)]
+
+
+def verify_file(path: str | Path) -> None:
+    """Raise ``CorruptCheckpoint`` unless ``path`` is a readable torch zip whose members all match their CRC."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        raise CorruptCheckpoint(f"checkpoint file {path} is damaged or incomplete: {err}") from err
+    if bad is not None:
+        raise CorruptCheckpoint(f"checkpoint file {path} is damaged: member {bad} fails its CRC check")
+
+
+def load(path: str | Path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` after the CRC check; any damage is a ``CorruptCheckpoint`` naming the file."""
+    verify_file(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as err:  # pickle-level damage past the CRCs
+        raise CorruptCheckpoint(f"checkpoint file {path} cannot be loaded: {str(err).splitlines()[0]}") from err
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Every ``*.pt`` of a checkpoint folder (DeepSpeed's subfolders included) passes its CRC check, and
+    ``loop.json`` reads; raise ``CorruptCheckpoint`` naming the first damaged file otherwise."""
+    folder = Path(folder)
+    files = sorted(folder.rglob("*.pt"))
+    if not (folder / "model.pt").is_file():
+        raise CorruptCheckpoint(f"checkpoint {folder} has no model.pt")
+    for f in files:
+        verify_file(f)
+    meta = folder / "loop.json"
+    if meta.exists():
+        try:
+            json.loads(meta.read_text())
+        except (OSError, ValueError) as err:
+            raise CorruptCheckpoint(f"checkpoint file {meta} is damaged: {err}") from err
+
+
+def intact_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that passes ``verify_checkpoint`` (``latest`` first, then the
+    ``step_*`` folders newest first). Each damaged one is logged by path, with the one used instead."""
+    first = latest_checkpoint(run_dir)
+    candidates = ([first] if first is not None else []) + [p for p in step_dirs(run_dir) if p != first]
+    damaged: list[str] = []
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+        except CorruptCheckpoint as err:
+            log.warning("%s", err)
+            damaged.append(folder.name)
+            continue
+        if damaged:
+            log.warning("resuming from %s instead of the damaged checkpoint(s) %s", folder, ", ".join(damaged))
+        return folder
+    if damaged:
+        raise CorruptCheckpoint(f"every checkpoint in {checkpoint_root(run_dir)} is damaged ({', '.join(damaged)}); "
+                                "move the folder away to start afresh")
+    return None
+
+
+def first_nonfinite(state, prefix: str = "") -> str | None:
+    """The name of the first floating tensor of a (nested) state holding NaN or infinity, or None.
+
+    One reduction per tensor and a single host sync for the whole state in the common, finite case."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(obj, name):
+        if torch.is_tensor(obj):
+            if obj.is_floating_point() or obj.is_complex():
+                named.append((name, obj))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}[{i}]")
+
+    walk(state, prefix)
+    if not named:
+        return None
+    flags = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+    if bool(flags.all()):
+        return None
+    return named[int((~flags).nonzero()[0])][0]
+
+
+def check_finite(state: dict, f: str | Path) -> dict:
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise NonFiniteCheckpoint(f"checkpoint {f} holds non-finite weights (first: {bad}): the model it saved had "
+                                  "diverged; use an earlier checkpoint")
+    return state
+
+
+class Lock:
+    """An exclusive ``fcntl`` lock on ``path`` for as long as it is held; ``release`` (or process exit) ends it.
+
+    A second process asking for it is refused at once with a ``UserError`` naming the holder's pid: two
+    writers of one run folder (or one data cache) would interleave their files silently."""
+
+    def __init__(self, path: str | Path, what: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{what} is in use by another process (pid {holder}, lock file {self.path}); wait for "
+                            "it to finish, or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_run_dir(run_dir: str | Path) -> Lock:
+    """The run folder's single-writer lock (``<run>/.lock``), held by ``student.train`` for the whole run."""
+    return Lock(Path(run_dir) / ".lock", f"the run folder {run_dir}")
 
 
 def begin(run_dir: str | Path, step: int) -> Path:
@@ -107,13 +268,15 @@ def resolve_model_file(path: str | Path) -> Path:
     latest = latest_checkpoint(p)
     if latest is not None and (latest / "model.pt").is_file():
         return latest / "model.pt"
-    raise FileNotFoundError(f"no checkpoint found at {p}: expected a run folder with checkpoints/, "
-                            "a checkpoints/step_* folder, or a model.pt file")
+    raise UserError(f"no checkpoint found at {p}: expected a run folder with checkpoints/, "
+                    "a checkpoints/step_* folder, or a model.pt file")
 
 
 def load_model_state(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
+    """The student's state dict of a run folder, checkpoint folder or model.pt: CRC-checked, and refused
+    (by file and first bad tensor) when any weight is not finite. The one loading path of evaluate/predict."""
     f = resolve_model_file(path)
-    state = torch.load(f, map_location=map_location, weights_only=True)
+    state = load(f, map_location)
     if not isinstance(state, dict):
-        raise ValueError(f"{f} does not hold a state dict")
-    return state, f
+        raise CorruptCheckpoint(f"{f} does not hold a state dict")
+    return check_finite(state, f), f

@@ -3,8 +3,11 @@
 ``data.source=generated`` renders scenes with ``sharding.synthetic`` and shards them once into a cache
 folder keyed by the generation settings (``data.generated``): labeled panoramas of one style, unlabeled
 ones of another (with watermarks, like real captures), and a labeled validation set. Seeds of the three
-sets never overlap. ``data.source=shards`` reads the shards named in ``data.labeled``, ``data.unlabeled``
-and ``data.val`` (tar paths, globs, brace patterns, or ``manifest.json`` files).
+sets never overlap. Rendering holds an exclusive lock on the cache entry (``gen-<digest>.lock``): a second
+process that would render the same entry at the same time is refused with the holder's pid; once the
+shards exist, any number of runs read them without a lock. ``data.source=shards`` reads the shards named in
+``data.labeled``, ``data.unlabeled`` and ``data.val`` (tar paths, globs, brace patterns, or
+``manifest.json`` files).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sharding.cli import UserError
 from student.config import TrainConfig
 
 log = logging.getLogger("pano_distill.data")
@@ -58,10 +62,15 @@ def prepare_data(cfg: TrainConfig) -> TrainConfig:
     root = _generated_dir(cfg)
     sets = {"labeled": (g.labeled, g.labeled_style, False), "unlabeled": (g.unlabeled, g.unlabeled_style, g.watermark),
             "val": (g.val, g.val_style, False)}
-    for name, (count, style, watermark) in sets.items():
-        if count > 0:
-            _build_generated(root / name, count, style, g.seed + _SEED_OFFSETS[name], height=g.height,
-                             windows=g.windows, watermark=watermark, samples_per_shard=g.samples_per_shard)
+    todo = [name for name, (count, _, _) in sets.items() if count > 0 and not (root / name / "manifest.json").is_file()]
+    if todo:
+        from student.checkpoint import Lock
+
+        with Lock(root.with_name(root.name + ".lock"), f"the generated-data cache {root}"):
+            for name in todo:  # _build_generated skips a set another writer finished meanwhile
+                count, style, watermark = sets[name]
+                _build_generated(root / name, count, style, g.seed + _SEED_OFFSETS[name], height=g.height,
+                                 windows=g.windows, watermark=watermark, samples_per_shard=g.samples_per_shard)
     cfg.data.source = "shards"
     cfg.data.labeled = [str(root / "labeled" / "manifest.json")] if g.labeled else []
     cfg.data.unlabeled = [str(root / "unlabeled" / "manifest.json")] if g.unlabeled else []
@@ -99,18 +108,24 @@ def build_train_stream(cfg: TrainConfig, rank: int, world_size: int, position: d
     cfg = prepare_data(cfg)
     d = cfg.data
     if not d.labeled:
-        raise ValueError("no labeled shards: set data.labeled (the epoch is defined by the labeled stream)")
+        raise UserError("no labeled shards: set data.labeled (the epoch is defined by the labeled stream)")
     unlabeled = d.unlabeled or None
     if unlabeled is None and cfg.distill.pseudo_weight > 0 and cfg.teacher.mode != "none":
-        raise ValueError("pseudo labels need unlabeled panoramas: set data.unlabeled, or teacher.mode=none")
+        raise UserError("pseudo labels need unlabeled panoramas: set data.unlabeled, or teacher.mode=none")
     loader = make_loader(d.labeled, batch_size=d.batch_size, unlabeled_urls=unlabeled, num_workers=d.num_workers,
                          height=d.height, rank=rank, world_size=world_size, seed=cfg.run.seed, shuffle=d.shuffle,
                          mask_store=d.mask_store or None, split=_split(d.labeled, d.labeled_split),
                          unlabeled_split=_split(d.unlabeled, d.unlabeled_split),
-                         pin_memory=torch.cuda.is_available())
+                         pin_memory=torch.cuda.is_available(), **_pipe(d.allow_pipe))
     if position:
         loader.load_state_dict(position)
     return BatchStream(loader)
+
+
+def _pipe(allow_pipe: bool) -> dict:
+    """``allow_pipe=`` for the sharding functions that resolve and open shard addresses (only when set, so
+    that a sharding without the keyword still serves the default)."""
+    return {"allow_pipe": True} if allow_pipe else {}
 
 
 def _split(urls: list[str], wanted: str = "", prefer: tuple[str, ...] = ("train",)) -> str | None:
@@ -121,7 +136,9 @@ def _split(urls: list[str], wanted: str = "", prefer: tuple[str, ...] = ("train"
         p = Path(u).expanduser()
         m = p if p.name == "manifest.json" else p / "manifest.json"
         if m.is_file():
-            splits = list(json.loads(m.read_text())["splits"])
+            from sharding.manifest import load_manifest
+
+            splits = list(load_manifest(m)["splits"])  # an invalid manifest: a UserError naming the file
             if len(splits) == 1:
                 return splits[0]
             for name in prefer:
@@ -143,7 +160,8 @@ def val_evaluator(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype
 
     def samples():
         return read_samples(cfg.data.val, height=cfg.data.height,
-                            split=_split(cfg.data.val, cfg.data.val_split, ("val", "test")), labeled=True)
+                            split=_split(cfg.data.val, cfg.data.val_split, ("val", "test")), labeled=True,
+                            **_pipe(cfg.data.allow_pipe))
 
     def evaluate(model: torch.nn.Module) -> dict:
         report = evaluate_predictor(student_predictor(model, amp_dtype), samples(), device=device, protocol=e.protocol,

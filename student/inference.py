@@ -1,4 +1,9 @@
-"""Building and loading students outside the training loop (evaluation, prediction, benchmarks)."""
+"""Building and loading students outside the training loop (evaluation, prediction, benchmarks).
+
+``load_student`` is the one loading path of ``student.evaluate`` and ``student.predict``: it goes through
+``checkpoint.load_model_state``, which checks every zip member's CRC and refuses non-finite weights by file
+and tensor name (a ``UserError``), so a damaged or diverged checkpoint is never evaluated as a model.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from sharding.cli import UserError
+from sharding.device import resolve_device  # noqa: F401 - the one resolver; re-exported for older callers
 from student.checkpoint import load_model_state
-from student.config import ModelConfig, TrainConfig, from_dict
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device=cpu")
-    return dev
+from student.config import ConfigError, ModelConfig, TrainConfig, from_dict
 
 
 def build_student(model: ModelConfig) -> torch.nn.Module:
@@ -36,8 +34,11 @@ def load_student(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn
     state, f = load_model_state(checkpoint)
     cfg_file = f.parent / "config.yaml"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: a checkpoint needs the config.yaml written beside it")
-    cfg = from_dict(yaml.safe_load(cfg_file.read_text()))
+        raise UserError(f"{cfg_file} is missing: a checkpoint needs the config.yaml written beside it")
+    try:
+        cfg = from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as err:
+        raise UserError(f"{cfg_file}: {' '.join(str(err).split())}") from err
     cfg.model.pretrained = ""  # the checkpoint holds every weight; do not fetch ImageNet weights again
     model = build_student(cfg.model)
     model.load_state_dict(state)

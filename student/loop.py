@@ -12,6 +12,13 @@ It knows four collaborators and nothing of how they are made:
 
 Every batch gets its rotations and augmentation from a generator seeded by (seed, rank, step), so a
 resumed run draws exactly what the uninterrupted run would have drawn.
+
+Divergence is a failure, never a quiet success: the losses drop non-finite predictions, so a model full of
+NaN can report a loss of 0. The loop checks the loss and the gradient norm of every step (a step with
+either non-finite is skipped and counted), every parameter and buffer every ``run.check_every`` steps, and
+parameters, buffers and a prediction on the last batch before every checkpoint and every evaluation. A
+non-finite model stops the run with ``DivergedError`` (one line, exit 2) before anything is written, so the
+last finite checkpoint stays ``latest``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from panorama import random_rotations
+from sharding.cli import UserError
 from student import checkpoint as ckpt
 from student.config import TrainConfig, dump_yaml
 from student.schedule import lr_factor
@@ -50,8 +58,12 @@ class LoopState:
     data: dict = field(default_factory=dict)  # the stream position after the last consumed batch
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class DivergedError(UserError):
+    """The model's weights or predictions are no longer finite: the run stops, nothing more is written."""
+
+
+class NonFiniteLossError(DivergedError):
+    """Too many non-finite losses or gradients in a row."""
 
 
 class _Window:
@@ -91,6 +103,7 @@ class Trainer:
         self.history: list[dict] = []
         self._batches = iter(stream)
         self._fetched = self.state.step  # the step index of the next batch fetched
+        self._probe: torch.Tensor | None = None  # a few panoramas of the last batch, to probe predictions
 
     # -- data and teacher ------------------------------------------------------------------------------
     def _to_device(self, half: dict | None) -> dict | None:
@@ -137,26 +150,33 @@ class Trainer:
         assert step == self.state.step, (step, self.state.step)
         self.engine.module.train()
         out = self.recipe.losses(self.engine.module, batch, labels, gen, step)
+        self._keep_probe(batch)
         finite = self.engine.all_finite(out.total)  # the one host sync per step: the guard needs it
+        what = "loss"
         if finite:
             self.engine.set_lr_factor(lr_factor(step, self.cfg.optim))
-            self.engine.backward_and_step(out.total)
+            norm = self.engine.backward_and_step(out.total)
+            finite = bool(torch.isfinite(norm))  # LocalEngine skipped the update itself when not finite
+            what = "gradient norm"
+        if finite:
             self.window.add_losses(self.recipe.after_step(out, batch, step))
             self.window.add_losses(out.parts)
             self.state.nonfinite_in_row = 0
         else:
-            self.engine.skip()
+            if what == "loss":
+                self.engine.skip()
             self.state.nonfinite_total += 1
             self.state.nonfinite_in_row += 1
             self.monitor.nonfinite.labels(str(self.rank)).inc()
             keys = [k for half in ("labeled", "unlabeled") if batch.get(half) for k in batch[half]["key"]]
-            log.warning("step %d: non-finite loss (%s); step skipped (%d in a row, %d total); samples %s", step,
-                        {k: float(v) for k, v in out.parts.items()}, self.state.nonfinite_in_row,
+            log.warning("step %d: non-finite %s (losses %s); step skipped (%d in a row, %d total); samples %s", step,
+                        what, {k: float(v) for k, v in out.parts.items()}, self.state.nonfinite_in_row,
                         self.state.nonfinite_total, keys[:8])
             if self.state.nonfinite_in_row >= self.cfg.optim.max_nonfinite:
                 raise NonFiniteLossError(
-                    f"{self.state.nonfinite_in_row} non-finite losses in a row at step {step}; stopping. Check "
-                    "the data (NaN depth, empty masks) or lower optim.lr; raise optim.max_nonfinite to tolerate more")
+                    f"{self.state.nonfinite_in_row} non-finite losses or gradients in a row at step {step}; stopping. "
+                    f"{self._kept()} Check the data (NaN depth, empty masks) or lower optim.lr; raise "
+                    "optim.max_nonfinite to tolerate more")
         self.state.step += 1
         if batch.get("position") is not None:
             self.state.data = batch["position"]
@@ -169,6 +189,41 @@ class Trainer:
         w.labeled += n_lab
         w.unlabeled += n_unl
         self.monitor.count(n_lab, n_unl, dt)
+
+    # -- divergence ------------------------------------------------------------------------------------
+    def _keep_probe(self, batch: dict) -> None:
+        for half in ("labeled", "unlabeled"):
+            if batch.get(half) and len(batch[half]["key"]):
+                self._probe = batch[half]["rgb"][:2].detach()
+                return
+
+    def _kept(self) -> str:
+        folder = ckpt.latest_checkpoint(self.run_dir)
+        return (f"The last finite checkpoint, {folder}, stays latest." if folder is not None
+                else "No checkpoint was written.")
+
+    def _bare_module(self):
+        return self.engine.module.module if hasattr(self.engine.module, "module") else self.engine.module
+
+    def check_finite(self, when: str, predictions: bool = True, collective: bool = True) -> None:
+        """Raise ``DivergedError`` unless every parameter and buffer (and, with ``predictions``, the model's
+        prediction on the last batch) is finite. ``collective``: every rank calls it and all agree (through
+        the engine's all-reduce), so no rank is left waiting at a barrier."""
+        bad = ckpt.first_nonfinite(dict(self._bare_module().named_parameters()))
+        bad = bad or ckpt.first_nonfinite(dict(self._bare_module().named_buffers()))
+        if bad is None and predictions and self._probe is not None:
+            module = self._bare_module()
+            was_training = module.training
+            module.eval()
+            with torch.no_grad():
+                pred = module(self._probe)
+            module.train(was_training)
+            bad = None if bool(torch.isfinite(pred).all()) else "its prediction on the last batch"
+        flag = torch.zeros((), device=self.device) if bad is None else torch.full((), math.nan, device=self.device)
+        if not (self.engine.all_finite(flag) if collective else bad is None):
+            raise DivergedError(f"the model diverged: at step {self.state.step} ({when}), "
+                                f"{bad or 'another worker'} is not finite; stopping. {self._kept()} "
+                                "Lower optim.lr (or check the data) and run again.")
 
     # -- logging, checkpoints, evaluation -------------------------------------------------------------
     def _teacher_stats(self) -> dict:
@@ -205,6 +260,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of this step (every rank writes its part; rank 0 writes model.pt and config)."""
+        self.check_finite("before saving a checkpoint")
         step = self.state.step
         tmp = ckpt.begin(self.run_dir, step) if self.rank == 0 else None
         folder = self._shared_tmp(step, tmp)
@@ -254,6 +310,7 @@ class Trainer:
         every = self.cfg.eval.every
         if not final and not (every and self.state.step % every == 0):
             return None
+        self.check_finite("before evaluating", collective=False)  # rank 0 alone evaluates
         self.engine.module.eval()
         result = self.evaluate(self.engine.module)
         # TensorBoard's depth preview at each evaluation (a no-op unless run.tensorboard=true)
@@ -278,6 +335,8 @@ class Trainer:
                 self._train_one()
                 bar.update(1)
                 s = self.state.step
+                if s % cfg.run.check_every == 0:
+                    self.check_finite("periodic check", predictions=False)
                 if s % cfg.run.log_every == 0 or s == total:
                     rec = self._log()
                     bar.set_postfix(loss=f"{rec['losses'].get('loss', math.nan):.4f}",

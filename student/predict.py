@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import cv2
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from panorama import depth_to_points
+from sharding import cli
+from sharding.cli import UserError
 from student.evaluate import disparity_to_eval_depth
 
 log = logging.getLogger("pano_distill.predict")
@@ -40,7 +41,7 @@ def list_inputs(paths: list[str]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"input {p} does not exist")
+            raise UserError(f"input {p} does not exist")
     return out
 
 
@@ -108,24 +109,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=0, help="inference resolution (default: the run's data.height)")
     p.add_argument("--median-depth", type=float, default=2.0, help="metres; sets the unknown global scale")
     p.add_argument("--ply-stride", type=int, default=2, help="keep every n-th pixel in each direction in the PLY")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    cli.add_common_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from student.inference import load_student, resolve_device
+    """The command; ``cli.run(main)`` turns a ``UserError`` (bad checkpoint, input, device) into exit code 2."""
+    from sharding.device import resolve_device
+    from student.inference import load_student
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    cli.setup_logging(args.log_level)
     device = resolve_device(args.device)
-    model, cfg, ckpt_file = load_student(args.checkpoint, device)
+    model, cfg, ckpt_file = load_student(args.checkpoint, device)  # CRC-checked; non-finite weights refused
     height = args.height or cfg.data.height
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if height <= 0 or height % 16:
+        raise UserError(f"--height must be a positive multiple of 16, got {height}")
     inputs = list_inputs(args.inputs)
     if not inputs:
-        print(f"error: no .jpg/.png panoramas found in {args.inputs}", file=sys.stderr)
-        return 2
+        raise UserError(f"no .jpg/.png panoramas found in {' '.join(args.inputs)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
     done, failed = 0, []
     for path in inputs:
         try:
@@ -159,5 +166,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))
 

@@ -24,20 +24,22 @@ import yaml
 from student import checkpoint as ckpt
 from student.config import TrainConfig, dump_yaml
 from student.engine import LocalEngine, amp_dtype
-from student.inference import build_student, resolve_device, train_flops_per_panorama
+from sharding.cli import UserError
+from sharding.device import resolve_device
+from student.inference import build_student, train_flops_per_panorama
 from student.loop import LoopState, Trainer
 
 log = logging.getLogger("pano_distill.train")
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(UserError, ValueError):
     """The run folder holds a checkpoint this configuration cannot continue (the message says why)."""
 
 
 def _read_loop_json(folder: Path) -> dict:
     f = folder / "loop.json"
     if not f.is_file():
-        raise FileNotFoundError(f"{f} is missing: {folder} is not a complete pano-distill checkpoint")
+        raise ckpt.CorruptCheckpoint(f"{f} is missing: {folder} is not a complete pano-distill checkpoint")
     return json.loads(f.read_text())
 
 
@@ -54,15 +56,16 @@ def _check_same_model(cfg: TrainConfig, folder: Path) -> None:
 
 def resume(engine, cfg: TrainConfig, world_size: int, rank: int = 0) -> tuple[LoopState, Path | None]:
     """Load the latest checkpoint of ``cfg.run.out_dir`` into ``engine``: (loop state, the checkpoint folder
-    when the resume is exact, so that the recipe can restore its own state from it)."""
-    folder = ckpt.latest_checkpoint(cfg.run.out_dir)
+    when the resume is exact, so that the recipe can restore its own state from it). A damaged checkpoint is
+    logged by path and the newest intact ``step_*`` is used instead (``checkpoint.intact_checkpoint``)."""
+    folder = ckpt.intact_checkpoint(cfg.run.out_dir)
     if folder is None:
         return LoopState(), None
     _check_same_model(cfg, folder)
     meta = _read_loop_json(folder)
     if meta["engine"] == engine.kind and meta["world_size"] == world_size:
         engine.load(folder, "trainer", optimizer_states=True)
-        mine = torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        mine = ckpt.load(folder / f"rank{rank}.pt")
         ckpt.set_rng_state(mine["rng"])
         state = LoopState(**mine["loop"])
         log.info("resuming from %s at step %d (data position %s)", folder, state.step, state.data)

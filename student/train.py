@@ -5,8 +5,9 @@ teacher that can be had (see ``student.labels``). With ``cluster.num_workers >= 
 ``ray job submit``, the same run goes to a Ray cluster with DeepSpeed data-parallel workers
 (``cluster.launch``); otherwise it is one process on one GPU or the CPU.
 
-The run folder (``run.out_dir``) receives ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and
-``eval.json``; running the same command again resumes from its last checkpoint.
+The run folder (``run.out_dir``) receives ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
+``eval.json`` and ``train.log``; running the same command again resumes from its last checkpoint. One run
+folder has one writer: a second run on it is refused (``<run>/.lock``). ``--help`` lists every key.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
-from student.config import TrainConfig, load_config
+from sharding import cli
+from sharding.cli import UserError
+from student.config import TrainConfig, dump_yaml, help_text, load_config
 
 log = logging.getLogger("pano_distill.train")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -30,21 +32,25 @@ def under_ray_job() -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m student.train", description=__doc__.split("\n\n")[0],
-                                epilog="Overrides: dotted keys of student/config.py, e.g. optim.steps=20 "
-                                       "run.out_dir=/tmp/run teacher.mode=oracle cluster.num_workers=2")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="configuration keys (set in the YAML file or as key=value overrides, e.g. "
+                                       "optim.steps=20 run.out_dir=/tmp/run teacher.mode=oracle):\n" + help_text())
     p.add_argument("--config", default=None, help=f"YAML run configuration (default: {DEMO_CONFIG.name})")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    cli.add_common_arguments(p)
     return p
 
 
-def _setup_logging(cfg: TrainConfig) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
+def _run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.run.out_dir).expanduser()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter(fmt))
-    logging.getLogger().addHandler(handler)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.out_dir {run_dir} is a file, not a folder; choose another run.out_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"run.out_dir {run_dir} cannot be created: {err.strerror}") from err
+    return run_dir
 
 
 def print_summary(summary: dict, cfg: TrainConfig) -> None:
@@ -67,35 +73,56 @@ def print_summary(summary: dict, cfg: TrainConfig) -> None:
     print("\n".join(lines))
 
 
+def _log_to_file(err: Exception) -> None:
+    """The error into train.log only (stderr gets its one line from ``cli.run``): the run folder says why
+    the run stopped."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command; ``cli.run(main)`` turns a ``UserError`` into one line and exit code 2."""
+    from student.checkpoint import lock_run_dir
+
     args = _parser().parse_args(argv)
     config = args.config or (str(DEMO_CONFIG) if DEMO_CONFIG.is_file() else None)
-    try:
-        cfg = load_config(config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _setup_logging(cfg)
+    cfg = load_config(config, args.overrides)  # every key checked, the model included, before any write
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    cli.setup_logging(args.log_level)
+    run_dir = _run_dir(cfg)
+    lock = lock_run_dir(run_dir)  # before the log file: a refused second run writes nothing here
+    cli.setup_logging(args.log_level, file=run_dir / "train.log")
     if not args.config and not args.overrides:
         log.info("no arguments: running the offline demo (%s)", config or "built-in defaults")
-    from student.session import ResumeRefused
 
     try:
         if cfg.cluster.num_workers >= 1 or under_ray_job():
-            from cluster.launch import run_cluster
+            # The launcher is found through an entry point, not imported: student sits below cluster
+            # (pyproject: [project.entry-points."pano_distill.launchers"] ray = "cluster.launch:run_cluster").
+            from importlib.metadata import entry_points
 
-            summary = run_cluster(cfg)
+            found = entry_points(group="pano_distill.launchers", name="ray")
+            if not found:
+                raise UserError("cluster mode (cluster.num_workers >= 1 or a Ray job) needs the launcher registered "
+                                "as entry point 'ray' in group 'pano_distill.launchers', and none is installed: "
+                                "reinstall the project (pip install -e .), which registers cluster.launch:run_cluster")
+            summary = next(iter(found)).load()(cfg)
         else:
             from student.session import run_training_process
 
             summary = run_training_process(cfg)
-    except ResumeRefused as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except cli.UserError as err:  # (main imports UserError locally in the cluster branch)
+        _log_to_file(err)
+        raise
+    finally:
+        lock.release()
     print_summary(summary, cfg)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sharding import cli
+from student import checkpoint as ckpt
+from student.config import load_config
+from student.loop import DivergedError
 from student.metrics import METRIC_NAMES
 from student.train import main
 
@@ -27,7 +31,7 @@ def test_tiny_run_writes_the_run_folder(tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "train.log", "loss_curve.png", "preview.png"):
         assert (run / name).is_file(), name
     report = json.loads((run / "eval.json").read_text())
-    assert report["protocol"] == "median" and report["images"] == 8
+    assert report["protocol"] == "lstsq" and report["images"] == 8
     assert set(report["metrics"]) == set(METRIC_NAMES)
     assert all(v == v and abs(v) < 1e6 for v in report["metrics"].values())  # finite
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -60,10 +64,123 @@ def test_finished_run_is_not_retrained(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_bad_configuration_is_named(capsys):
-    assert main(["--config", TINY, "optim.stepz=3"]) == 2
-    assert "optim.stepz" in capsys.readouterr().err
-    assert main(["--config", TINY, "data.batch_size=3"]) == 2
+def _one_line_error(capsys, *names: str) -> str:
+    text = capsys.readouterr().err.strip()
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and text.endswith(errors[0]) and "Traceback" not in text, text  # log lines may precede
+    err = errors[0]
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+@pytest.mark.parametrize("args, names", [
+    (["optim.stepz=3"], ["optim.stepz"]),
+    (["data.batch_size=3"], ["data.batch_size"]),
+    (["optim.lr=inf"], ["optim.lr", "finite"]),
+    (["optim.steps=0"], ["optim.steps"]),
+    (["model.name=bogus"], ["model.name", "bogus"]),
+    (["teacher.mode=psychic"], ["teacher.mode", "inprocess"]),
+])
+def test_bad_configuration_is_one_named_line_and_exit_2(args, names, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={run}", *args]) == 2
+    _one_line_error(capsys, *names)
+    assert not run.exists()  # refused before anything is written
+
+
+def test_user_errors_about_files(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim:\n  steps: [3\n")
+    assert cli.run(main, ["--config", str(broken)]) == 2
+    _one_line_error(capsys, str(broken), "not valid YAML")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={afile}"]) == 2
+    _one_line_error(capsys, "run.out_dir", str(afile), "is a file")
+    bad_manifest = tmp_path / "shards" / "manifest.json"
+    bad_manifest.parent.mkdir()
+    bad_manifest.write_text("{not json")
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={tmp_path / 'r'}", "data.source=shards",
+                          f"data.labeled=[{bad_manifest}]", "teacher.mode=none", *FAST]) == 2
+    _one_line_error(capsys, str(bad_manifest))
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={tmp_path / 'r2'}", "teacher.mode=cached",
+                          f"teacher.store={tmp_path / 'no-such-store'}", *FAST]) == 2
+    _one_line_error(capsys, "no-such-store")
+    # --debug: the same error with its traceback
+    assert cli.run(main, ["--config", str(broken), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_help_lists_every_key_and_print_config_resolves(capsys):
+    from student.config import iter_fields
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for key, _, _, _ in iter_fields():
+        assert f"  {key} (" in out, key
+    assert main(["--config", TINY, "optim.steps=7", "--print-config"]) == 0
+    printed = __import__("yaml").safe_load(capsys.readouterr().out)
+    assert printed["optim"]["steps"] == 7 and printed["model"]["name"] == "unifuse_tiny"
+
+
+def test_entry_point_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "student.train", "--config", TINY, "model.name=bogus",
+                           f"run.out_dir={tmp_path / 'r'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "model.name" in proc.stderr, proc.stderr
+
+
+def test_a_second_run_on_one_folder_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    hold = subprocess.Popen([sys.executable, "-c", "import sys, time; from student.checkpoint import lock_run_dir; "
+                             "l = lock_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(run)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        assert cli.run(main, ["--config", TINY, f"run.out_dir={run}", "optim.steps=2", *FAST]) == 2
+        _one_line_error(capsys, f"pid {hold.pid}", str(run))
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused run wrote nothing
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+def test_divergence_fails_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
+    from student.session import run_training_process
+
+    run = tmp_path / "run"
+    assert main(["--config", TINY, f"run.out_dir={run}", "optim.steps=2", *FAST]) == 0
+    # optim.lr=inf is refused by the configuration; a model can still diverge with a finite one, and the
+    # loop must catch it. Both ways: the loop with an infinite rate, and the command with a huge one.
+    cfg = load_config(TINY, [f"run.out_dir={run}", "optim.steps=5", "run.ckpt_every=1", *FAST])
+    cfg.optim.lr = float("inf")
+    with pytest.raises(DivergedError, match="not finite.*step_0000002, stays latest"):
+        run_training_process(cfg)
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={run}", "optim.steps=5", "run.ckpt_every=1",
+                          "optim.lr=1e30", *FAST]) == 2
+    _one_line_error(capsys, "diverged", "step_0000002")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    state, _ = ckpt.load_model_state(run)  # finite: it loads
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not (run / "eval.json").read_text().count("NaN")
+
+
+def test_resume_skips_a_damaged_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert main(["--config", TINY, f"run.out_dir={run}", "optim.steps=4", "run.ckpt_every=2", *FAST]) == 0
+    trainer = run / "checkpoints" / "step_0000004" / "trainer.pt"
+    data = bytearray(trainer.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])  # 4 KB flipped inside trainer.pt
+    trainer.write_bytes(bytes(data))
+    assert main(["--config", TINY, f"run.out_dir={run}", "optim.steps=5", "run.ckpt_every=5", *FAST]) == 0
+    log_text = (run / "train.log").read_text()
+    assert f"checkpoint file {trainer} is damaged" in log_text
+    assert "resuming from" in log_text and "step_0000002 at step 2" in log_text
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000005"
 
 
 def test_a_different_worker_count_or_model_is_refused_unless_allowed(tmp_path, capsys):
@@ -72,11 +189,11 @@ def test_a_different_worker_count_or_model_is_refused_unless_allowed(tmp_path, c
     ckpt = run / "checkpoints" / "step_0000002"
     meta = json.loads((ckpt / "loop.json").read_text())
     (ckpt / "loop.json").write_text(json.dumps(dict(meta, world_size=2, engine="deepspeed")))  # as a 2-worker run
-    assert main(["--config", TINY, f"run.out_dir={run}", "optim.steps=4", *FAST]) == 2
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={run}", "optim.steps=4", *FAST]) == 2
     err = capsys.readouterr().err
     assert "2 worker(s) on a deepspeed engine" in err and "cluster.allow_resize=true" in err
     # allowed: weights and step carry over, and training continues to step 4
     assert main(["--config", TINY, f"run.out_dir={run}", "optim.steps=4", "cluster.allow_resize=true", *FAST]) == 0
     assert json.loads((run / "checkpoints" / "step_0000004" / "loop.json").read_text())["step"] == 4
-    assert main(["--config", TINY, f"run.out_dir={run}", "optim.steps=6", "model.name=rectnet_tiny", *FAST]) == 2
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={run}", "optim.steps=6", "model.name=rectnet_tiny", *FAST]) == 2
     assert "holds a checkpoint of model" in capsys.readouterr().err
