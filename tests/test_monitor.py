@@ -82,8 +82,7 @@ def test_live_trainer_scrape_passes_promtool_and_tensorboard_gets_the_curves(tmp
     run = tmp_path / "run"
     cfg = load_config(TINY, [f"run.out_dir={run}", "optim.steps=4", "run.log_every=2", "run.ckpt_every=2",
                              "eval.every=2", "eval.max_images=2", f"run.metrics_port={port}",
-                             "run.progress=false", "data.num_workers=1"])
-    cfg.run.tensorboard = True  # the config key run.tensorboard (set here whether or not it is declared)
+                             "run.progress=false", "data.num_workers=1", "run.tensorboard=true"])
     scrapes = []
     run_training_process(cfg, on_checkpoint=lambda folder, step: scrapes.append(scrape(port)))
     assert scrapes
