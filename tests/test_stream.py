@@ -100,15 +100,7 @@ def test_two_ranks_two_workers_cover_every_sample_once_with_equal_batches(tmp_pa
 
 
 def test_uneven_shards_give_equal_batches_per_rank(tmp_path):
-    counts = [5, 1, 4, 2, 3, 7, 2, 6, 1]
-    for epoch in range(4):
-        plan = plan_epoch(counts, world_size=2, num_workers=2, batch_size=2, epoch=epoch, seed=3)
-        assert [sum(q) for q in plan.quotas] == [plan.batches] * 2
-        used = sorted(i for r in plan.shards for w in r for i in w)
-        assert used == list(range(len(counts)))  # every shard read by exactly one worker of one rank
-        for r in range(2):
-            for w in range(2):
-                assert plan.quotas[r][w] * 2 <= sum(counts[i] for i in plan.shards[r][w])
+    counts = [5, 1, 4, 2, 3, 7, 2, 6, 1]  # the plan itself: tests/test_plan.py
     d, keys = _dataset(tmp_path / "ds", counts, "u")
     got = []
     n = plan_epoch(counts, world_size=2, num_workers=2, batch_size=2, epoch=0, seed=3).batches
