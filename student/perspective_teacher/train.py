@@ -6,7 +6,7 @@
 We cannot download Depth Anything, so the distillation is demonstrated with a teacher trained here: a
 small Hugging Face depth-estimation network, from scratch, on thousands of generated perspective views
 with exact depth (``student.perspective_teacher.data``; the paper's "1.5M labeled perspective images" in
-miniature). It learns relative disparity with the affine-invariant loss of ``student.losses`` against
+miniature). It learns relative disparity with the affine-invariant loss of ``panorama.depth_math`` against
 ``normalize_disparity(1 / planar_depth)`` over valid (non-sky) pixels, with photometric augmentation.
 
 The output folder is an ordinary Hugging Face folder (``save_pretrained`` of the model and of a
@@ -18,7 +18,8 @@ reads ``outputs.predicted_depth`` (B, h, w) as relative disparity (larger = clos
 
 Architecture (``--arch``, default ``dpt_hybrid``). Measured at equal compute (5 min of one core's CPU time
 for the training loop, ``--clock process``, 2000 training views, 200 held-out views, 128 px; 126 px for
-the patch-14 ViT), AbsRel / delta1 after lstsq alignment (random init ~0.26 / 0.55, the mean training
+the patch-14 ViT), AbsRel / delta1 after lstsq alignment (measured with the protocol's earlier variant, which
+clamped disparity before the median step; random init ~0.26 / 0.55, the mean training
 disparity map 0.241 / 0.584):
 
 =================  ======  ================  =============  ======
@@ -41,7 +42,7 @@ One torch thread is the default: on cores shared with other jobs it ran 3-5x fas
 ``--minutes`` bounds the whole command (rendering or loading the views, training, final evaluation and
 saving): training stops early enough to leave time for the rest. ``--steps`` bounds the number of
 optimiser steps instead (tests). Validation: held-out generated views (disjoint scenes), AbsRel and
-delta1 after least-squares scale-and-shift alignment of disparity (``student.metrics``, ``align="lstsq"``),
+delta1 under the reference code's lstsq protocol (``panorama.depth_math``, ``align="lstsq"``),
 next to trivial baselines: the same network at random initialisation, a constant disparity, and the
 per-pixel mean training disparity (a positional prior: floors below, ceilings above).
 """
@@ -61,135 +62,14 @@ import torch
 
 from panorama.depth_math import affine_invariant_loss, depth_metrics
 from sharding import cli
-from student.perspective_teacher.data import (IMAGE_MEAN, IMAGE_STD, TRAIN_SEED_BASE, VAL_SEED_BASE,
-                                             PerspectiveViews, load_views)
+from student.perspective_teacher.data import IMAGE_MEAN, IMAGE_STD, TRAIN_SEED_BASE, PerspectiveViews, load_views
+from student.perspective_teacher.models import (ARCHS, arch_multiple, build_model, build_processor,  # noqa: F401
+                                                count_params, ensure_output_spread)
+from student.perspective_teacher.report import _fmt, plot_curve, write_readme
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("dpt_hybrid", "glpn", "depth_anything", "dpt")
 FORMAT_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------- models
-
-def arch_multiple(arch: str) -> int:
-    """Input sides must be a multiple of this (total stride of GLPN, patch size of the ViTs)."""
-    return {"dpt_hybrid": 16, "glpn": 32, "depth_anything": 14, "dpt": 16}[arch]
-
-
-def _output_conv(model):
-    head = model.head
-    if hasattr(head, "conv3"):  # Depth Anything
-        return head.conv3
-    return head.head[-2] if isinstance(head.head[-1], torch.nn.ReLU) else head.head[-1]  # DPT / GLPN
-
-
-def _relu_head_bias(model, value: float = 1.0) -> None:
-    """Start the output layer of a ReLU-terminated head (DPT, Depth Anything) at a positive bias, so that the
-    output is positive everywhere at initialisation instead of starting within 1e-5 of zero, half of it
-    clipped by the ReLU."""
-    torch.nn.init.constant_(_output_conv(model).bias, value)
-
-
-@torch.no_grad()
-def ensure_output_spread(model, pixel_values: torch.Tensor, min_spread: float = 1e-5,
-                         target: float = 1e-3) -> float:
-    """Scale the output convolution of a freshly initialised model whose predictions barely vary.
-
-    The affine-invariant loss treats a map whose mean absolute deviation is below 1e-6 as constant and gives
-    it no gradient. With Hugging Face's init (std 0.02 everywhere) a from-scratch ViT DPT predicts maps that
-    vary by ~1e-7, so it never leaves that state (it stayed at loss 1.0 in our runs), and Depth Anything
-    starts at ~2e-6. When the deviation on ``pixel_values`` is below ``min_spread`` the output weights are
-    scaled so that it becomes ``target``. Returns the factor (1.0: unchanged; DPT-Hybrid and GLPN start
-    near 1e-4 and are left alone)."""
-    was_training = model.training
-    model.eval()
-    y = model(pixel_values=pixel_values).predicted_depth.flatten(1)
-    spread = float((y - y.median(dim=1, keepdim=True).values).abs().mean())
-    model.train(was_training)
-    if spread >= min_spread:
-        return 1.0
-    factor = target / max(spread, 1e-12)
-    _output_conv(model).weight.mul_(factor)
-    return factor
-
-
-def build_model(arch: str, size: int, width: str = "small"):
-    """A from-scratch Hugging Face depth model of about 1M parameters (``width="tiny"``: tests)."""
-    from transformers import (BitConfig, DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config,
-                              DPTConfig, DPTForDepthEstimation, GLPNConfig, GLPNForDepthEstimation)
-
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    m = arch_multiple(arch)
-    if size % m:
-        raise ValueError(f"--size {size} must be a multiple of {m} for arch {arch}")
-    tiny = width == "tiny"
-    if arch == "dpt_hybrid":
-        # DPT-Hybrid (Ranftl et al. 2021): a BiT ResNet (weight-standardised convolutions, GroupNorm) to
-        # stride 16, a ViT on its 1/16 feature map, and DPT's fusion decoder fed by the ResNet's stride-4 and
-        # stride-8 features plus two ViT layers. The convolutional path learns fast from scratch.
-        hs = [8, 16, 32] if tiny else [24, 48, 96]
-        hid, layers, heads = (32, 2, 2) if tiny else (96, 4, 3)
-        bit = BitConfig(layer_type="bottleneck", embedding_size=8 if tiny else 16, hidden_sizes=hs,
-                        depths=[1, 1, 1], num_groups=4 if tiny else 8, out_features=["stage1", "stage2", "stage3"],
-                        global_padding="same", embedding_dynamic_padding=True)
-        cfg = DPTConfig(is_hybrid=True, backbone_config=bit, backbone_featmap_shape=[1, hs[-1], size // 16, size // 16],
-                        hidden_size=hid, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=4 * hid, image_size=size, patch_size=16,
-                        backbone_out_indices=[0, 1, layers // 2 - 1, layers - 1],
-                        neck_hidden_sizes=[hs[0], hs[1], hid, hid], reassemble_factors=[1, 1, 1, 0.5],
-                        fusion_hidden_size=16 if tiny else 32, use_auxiliary_head=False, readout_type="project")
-        model = DPTForDepthEstimation(cfg)
-        _relu_head_bias(model)
-        return model
-    if arch == "glpn":
-        # SegFormer (MiT) encoder, strides 4-8-16-32, efficient attention with spatial reduction; GLPN's
-        # light decoder up to full resolution. max_depth=1: the head's sigmoid gives disparity in (0, 1).
-        # (The full-resolution decoder and head dominate the cost; a 16-channel decoder with a wider encoder
-        # was cheaper per step but learned worse.)
-        cfg = GLPNConfig(hidden_sizes=[8, 16, 32, 64] if tiny else [16, 32, 80, 128],
-                         depths=[1, 1, 1, 1] if tiny else [2, 2, 2, 2],
-                         num_attention_heads=[1, 1, 1, 2] if tiny else [1, 1, 2, 4],
-                         sr_ratios=[8, 4, 2, 1], mlp_ratios=[4, 4, 4, 4], patch_sizes=[7, 3, 3, 3],
-                         strides=[4, 2, 2, 2], decoder_hidden_size=8 if tiny else 32, max_depth=1,
-                         drop_path_rate=0.0)
-        return GLPNForDepthEstimation(cfg)
-    if arch == "depth_anything":
-        hid, layers, heads = (32, 4, 2) if tiny else (96, 4, 3)
-        backbone = Dinov2Config(hidden_size=hid, num_hidden_layers=layers, num_attention_heads=heads,
-                                intermediate_size=4 * hid, patch_size=14, image_size=size,
-                                out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
-                                apply_layernorm=True)
-        cfg = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=hid,
-                                  neck_hidden_sizes=[8, 16, 32, 32] if tiny else [24, 48, 96, 96],
-                                  fusion_hidden_size=16 if tiny else 48, head_hidden_size=8 if tiny else 24,
-                                  depth_estimation_type="relative", max_depth=1)
-        model = DepthAnythingForDepthEstimation(cfg)
-        _relu_head_bias(model)
-        return model
-    hid, layers, heads = (32, 4, 2) if tiny else (96, 4, 3)
-    cfg = DPTConfig(hidden_size=hid, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hid,
-                    image_size=size, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
-                    neck_hidden_sizes=[8, 16, 32, 32] if tiny else [24, 48, 96, 96],
-                    fusion_hidden_size=16 if tiny else 48, use_auxiliary_head=False)
-    model = DPTForDepthEstimation(cfg)
-    _relu_head_bias(model)
-    return model
-
-
-def build_processor(size: int, multiple: int):
-    """The image processor saved with the model: resize to ``size`` x ``size``, /255, ImageNet mean/std."""
-    from transformers import DPTImageProcessorPil
-
-    return DPTImageProcessorPil(do_resize=True, size={"height": size, "width": size}, keep_aspect_ratio=False,
-                                ensure_multiple_of=multiple, do_rescale=True, rescale_factor=1 / 255,
-                                do_normalize=True, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
-                                do_pad=False)
-
-
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
@@ -320,108 +200,6 @@ def train_loop(model, train: PerspectiveViews, val_small: PerspectiveViews | Non
             log({"step": step, "time_s": round(clock() - t0, 2), "val_loss": v})
     model.eval()
     return {"steps": step, "seconds": clock() - t0, "loss": losses, "val": vals}
-
-
-def plot_curve(history: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    loss = history["loss"]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    if loss:
-        ax.plot(range(1, len(loss) + 1), loss, color="tab:blue", alpha=0.2, lw=0.6)
-        k = max(1, len(loss) // 50)
-        sm = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
-        ax.plot(range(1, len(loss) + 1), sm, color="tab:blue", label=f"train (mean of {k} steps)")
-    if history["val"]:
-        s, v = zip(*history["val"])
-        ax.plot(s, v, "o-", color="tab:orange", ms=3, label="held-out views")
-    ax.set_xlabel("step")
-    ax.set_ylabel("affine-invariant loss")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------- output
-
-def _fmt(m: dict) -> str:
-    return f"AbsRel {m['abs_rel']:.4f}  delta1 {m['delta1']:.4f}  RMSE {m['rmse']:.3f}  loss {m['loss']:.4f}"
-
-
-ARCH_NOTES = {
-    "dpt_hybrid": "DPT-Hybrid (`DPTForDepthEstimation`, `is_hybrid=True`): a small BiT ResNet encoder to stride 16, "
-                  "a 4-layer ViT on its feature map, and DPT's fusion decoder",
-    "glpn": "GLPN (`GLPNForDepthEstimation`): a SegFormer/MiT hierarchical encoder and GLPN's light decoder",
-    "depth_anything": "Depth Anything (`DepthAnythingForDepthEstimation`): a small DINOv2 ViT (patch 14) and the "
-                      "DPT head",
-    "dpt": "DPT (`DPTForDepthEstimation`): a small ViT (patch 16) and DPT's fusion decoder",
-}
-
-
-def write_readme(out: Path, info: dict) -> None:
-    v, b = info["val"], info["baselines"]
-    rows = [f"| this model | {v['abs_rel']:.4f} | {v['delta1']:.4f} | {v['rmse']:.3f} | {v['loss']:.4f} |"]
-    for name, m in b.items():
-        rows.append(f"| baseline: {name.replace('_', ' ')} | {m['abs_rel']:.4f} | {m['delta1']:.4f} | "
-                    f"{m['rmse']:.3f} | {m['loss']:.4f} |")
-    t = info["train"]
-    init_note = f" Initialised from `{info['init']}`." if info.get("init") else ""
-    if t["clock"] == "process":
-        budget = (f"the training loop ran for {t['train_s'] / 60:.1f} min of CPU time on {t['threads']} thread(s) "
-                  f"(`--clock process`); the whole command took {t['wall_s'] / 60:.1f} min of wall time on a "
-                  f"machine shared with other jobs")
-    else:
-        budget = (f"wall time {t['wall_s'] / 60:.1f} min for the whole command ({t['train_s'] / 60:.1f} min of "
-                  f"training) on {t['threads']} CPU thread(s)")
-    text = f"""# {out.name}: a small perspective depth teacher for generated scenes
-
-A small depth network trained from scratch that predicts **relative disparity** (larger = closer) of a
-perspective view: {ARCH_NOTES[info['arch']]}; {info['params']:,} parameters. It stands in for Depth Anything in
-pano-distill's demonstrations, where the real foundation model cannot be downloaded. It was trained only
-on generated rooms (`sharding.synthetic`), so it is meant for **generated scenes and demos, not real
-photographs**.
-
-Load it like any other teacher:
-
-```python
-from transformers import AutoModelForDepthEstimation
-model = AutoModelForDepthEstimation.from_pretrained("{out.name if out.is_absolute() else out.as_posix()}")
-disparity = model(pixel_values=x).predicted_depth  # (B, h, w), relative disparity
-```
-
-`x` is RGB in [0, 1], resized to {info['input_size']} x {info['input_size']} and normalised with the ImageNet
-mean/std of `preprocessor_config.json`. Input size: {info['input_size']} px (`pano_distill.json`).
-
-## Training
-
-```
-{info['command']}
-```
-
-{info['trained_on']}.{init_note} Adam (lr {t['lr']}, warm-up then cosine decay), batch {t['batch_size']}, the
-affine-invariant loss (`student.losses.affine_invariant_loss`) against `normalize_disparity(1 / depth)`
-over valid pixels, random horizontal flips and photometric augmentation (channel permutation, grayscale,
-saturation, gains, brightness, contrast, gamma, noise). {t['steps']} steps; {budget}.
-
-## Validation
-
-{info['val_views']} held-out generated views (scenes {VAL_SEED_BASE}+, disjoint from training), depth
-metrics after least-squares scale-and-shift alignment of disparity (`student.metrics`, `align="lstsq"`,
-0 < depth <= 10 m, sky excluded):
-
-| predictor | AbsRel | delta1 | RMSE (m) | affine-inv. loss |
-| --- | --- | --- | --- | --- |
-{chr(10).join(rows)}
-
-`loss_curve.png` shows the training and held-out loss; `metrics.jsonl` the logged steps.
-"""
-    (out / "README.md").write_text(text)
 
 
 def parse_args(argv=None):
@@ -570,7 +348,8 @@ def train_teacher(argv=None) -> dict:
         "init": (f"{args.init} ({init_meta.get('val_abs_rel', float('nan')):.4f} val AbsRel)" if args.init else None),
         "val_abs_rel": val_m["abs_rel"],
         "val_delta1": val_m["delta1"],
-        "val_protocol": "lstsq (student.metrics: scale and shift on disparity, then median; 0 < depth <= 10 m)",
+        "val_protocol": "lstsq (panorama.depth_math: the reference code's scale and shift on disparity, then "
+                        "median, clamp to [0.1, 10]; 0 < depth <= 10 m)",
         "val_views": len(val),
         "val": val_m,
         "baselines": base,
