@@ -77,3 +77,55 @@ def test_evaluate_cli_protocols_and_teacher_cube(tiny_run, tmp_path):
                           "--shards", *val, "--out", str(out)]) == 0
     rep = json.loads((out / "eval.json").read_text())
     assert rep["model"].startswith("teacher-cube") and rep["images"] == 8
+
+
+@pytest.fixture
+def nan_checkpoint(tiny_run, tmp_path):
+    """A copy of the tiny run's checkpoint whose weights hold one NaN, as a diverged run would save."""
+    import shutil
+
+    import torch
+
+    from student.checkpoint import latest_checkpoint
+
+    folder = tmp_path / "diverged"
+    shutil.copytree(latest_checkpoint(tiny_run), folder)
+    state = torch.load(folder / "model.pt", weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name].view(-1)[1] = float("nan")
+    torch.save(state, folder / "model.pt")
+    return folder, name
+
+
+def test_predict_and_evaluate_refuse_a_nonfinite_checkpoint(nan_checkpoint, samples_dir, tmp_path, capsys):
+    from sharding import cli
+
+    folder, name = nan_checkpoint
+    image = sorted((samples_dir / "indoor").glob("*.jpg"))[0]
+    assert cli.run(predict.main, ["--checkpoint", str(folder), str(image), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'model.pt'}" in err and f"first: {name}" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
+    assert cli.run(evaluate.main, ["--checkpoint", str(folder), "--shards", str(image.parent),
+                                   "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'model.pt'}" in err and f"first: {name}" in err
+
+
+def test_predict_names_a_damaged_checkpoint_and_a_missing_input(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from sharding import cli
+    from student.checkpoint import latest_checkpoint
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(latest_checkpoint(tiny_run), folder)
+    data = bytearray((folder / "model.pt").read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])
+    (folder / "model.pt").write_bytes(bytes(data))
+    assert cli.run(predict.main, ["--checkpoint", str(folder), str(tmp_path), "--out", str(tmp_path / "p")]) == 2
+    assert f"{folder / 'model.pt'} is damaged" in capsys.readouterr().err
+    assert cli.run(predict.main, ["--checkpoint", str(tiny_run), str(tmp_path / "nope.jpg"),
+                                  "--out", str(tmp_path / "p")]) == 2
+    assert "nope.jpg does not exist" in capsys.readouterr().err
