@@ -37,7 +37,9 @@ def test_cosine_after_warmup():
 
 
 def test_bad_schedule_is_named(capsys):
-    assert main(["--config", TINY, "optim.schedule=linear"]) == 2
+    from sharding import cli
+
+    assert cli.run(main, ["--config", TINY, "optim.schedule=linear"]) == 2
     assert "optim.schedule" in capsys.readouterr().err
 
 
