@@ -120,7 +120,7 @@ class PanoramaStream(IterableDataset):
             ids = None if spec.resampled else plan.shards[self.rank][w]
             seed_parts = (spec.name, i, self.seed, self.epoch, self.rank, w)
             readers.append(WorkerStream(spec, ids, seed_parts, skips, open_store(spec.mask_store),
-                                         cycle=self.drop_last))
+                                        cycle=self.drop_last))
         sizes = self.sizes or [1]
         for i, r in enumerate(readers):
             off = None
