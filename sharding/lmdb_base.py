@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
+import ctypes
 import os
+import shutil
 import struct
 import threading
 import zlib
@@ -138,6 +140,29 @@ def _parse_meta(page: bytes) -> tuple[int, int, int, int]:
     return magic, psize, last_pg, txnid
 
 
+def swap_store(new: str | os.PathLike, old: str | os.PathLike) -> None:
+    """Put the store directory ``new`` in place of ``old`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``:
+    at every moment ``old`` names a complete store), then delete what was there. Where the exchange is not
+    available, two renames leave a moment with no store (never a half-written one)."""
+    new, old = os.fspath(new), os.fspath(old)
+    exchanged = False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = getattr(libc, "renameat2", None)
+        if renameat2 is not None:
+            at_fdcwd, rename_exchange = -100, 2
+            exchanged = renameat2(at_fdcwd, new.encode(), at_fdcwd, old.encode(), rename_exchange) == 0
+    except OSError:
+        exchanged = False
+    if exchanged:  # ``new`` now holds the old store
+        shutil.rmtree(new)
+        return
+    aside = f"{old}.replaced-{os.getpid()}"
+    os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside)
+
+
 # ------------------------------------------------------------------------------------------ headers
 def differences(stored: dict, expected: dict, same: Callable[[str, Any, Any], bool] | None = None
                 ) -> dict[str, tuple[Any, Any]]:
@@ -234,6 +259,7 @@ class _Handle:
         self.path, self.writable, self.lock, self.db_names, self.what = path, writable, lock, dbs, what
         self.pid = os.getpid()
         self.refs = 0
+        self.key: tuple = ()
         self.env: Any = None
         self.dbs: dict[bytes | None, Any] = {}
         self._open(map_size)
@@ -275,12 +301,25 @@ class _Handle:
         self.env, self.dbs = None, {}
 
 
-_HANDLES: dict[str, _Handle] = {}
+# Keyed by the directory's (device, inode), as py-lmdb identifies an environment by its files: a store
+# directory swapped in under the same name (``--overwrite``) is another environment, and a directory renamed
+# while open is still the same one.
+_HANDLES: dict[tuple, _Handle] = {}
 _HANDLES_LOCK = threading.Lock()
 
 
+def _registry_key(path: str, writable: bool) -> tuple:
+    if writable:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return (os.path.realpath(path),)
+
+
 def _acquire(path: str, writable: bool, lock: bool, map_size: int, dbs: tuple[bytes, ...], what: str) -> _Handle:
-    key = os.path.realpath(path)
+    key = _registry_key(path, writable)
     pid = os.getpid()
     with _HANDLES_LOCK:
         h = _HANDLES.get(key)
@@ -291,6 +330,7 @@ def _acquire(path: str, writable: bool, lock: bool, map_size: int, dbs: tuple[by
             h = None
         if h is None:
             h = _Handle(path, writable, lock, map_size, dbs, what)
+            h.key = key
             _HANDLES[key] = h
         else:
             h.upgrade(writable, lock, map_size)
@@ -303,9 +343,8 @@ def _release(h: _Handle) -> None:
         h.refs -= 1
         if h.refs <= 0 and h.pid == os.getpid():
             h.close()
-            key = os.path.realpath(h.path)
-            if _HANDLES.get(key) is h:
-                del _HANDLES[key]
+            if _HANDLES.get(h.key) is h:
+                del _HANDLES[h.key]
 
 
 # ------------------------------------------------------------------------------------------ the base

@@ -6,7 +6,7 @@ Usage::
     python -m sharding.masks --shards data/shards --store data/masks.lmdb \\
         [--detector IDEA-Research/grounding-dino-base] [--sam ~/.cache/pano-distill/sam_vit_b_01ec64.pth] \\
         [--box-threshold 0.3] [--text-threshold 0.25] [--prompts sky watermark] [--min-valid 0.2] \\
-        [--shard-mask prefer|combine|ignore] [--limit N] [--ray --replicas N [--ray-address ADDR]]
+        [--shard-mask prefer|combine|ignore] [--limit N] [--overwrite] [--ray --replicas N [--ray-address ADDR]]
 
     # import masks that came with the data (255 = valid, 0 = sky), key = file name without "_valid.png"
     python -m sharding.masks --store data/masks.lmdb --import-masks ../shared/samples/outdoor [--key-prefix P]
@@ -14,14 +14,11 @@ Usage::
     # plumbing demo / CI without weights (random tiny models, meaningless masks)
     python -m sharding.masks --shards data/shards --store /tmp/m.lmdb --tiny-random
 
-``--shards`` takes what ``sharding.stream`` takes (shard files, globs, brace patterns such as
-``train-{000000..000009}.tar``, a ``manifest.json`` or the folder holding it: every split unless ``--split``)
-and also folders of ``*.tar`` without a manifest. Shards are read with ``sharding.stream.iter_shard``, the
-trainer's reader, so keys and damaged-shard handling are the same as in training. The pipeline and its defaults are described in
-:mod:`sharding.segmenters`: GroundingDINO ``IDEA-Research/grounding-dino-base`` on the whole equirect image
-(512 x 1024), prompts "sky" and "watermark", box threshold 0.3, text threshold 0.25, SAM ViT-B
-(``sam_vit_b_01ec64.pth``, https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth) inside
-each box, the union of the segments is invalid. Masks are stored at the panorama's native resolution.
+``--shards`` takes what ``sharding.stream`` takes (shard files, globs, brace patterns, a ``manifest.json``
+or its folder: every split unless ``--split``) and folders of ``*.tar`` without a manifest; shards are read
+with the trainer's reader (:mod:`sharding.mask_samples`). The models and their defaults (GroundingDINO
+base, "sky"/"watermark", thresholds 0.3/0.25, SAM ViT-B in each box) are :mod:`sharding.segmenters`'s.
+Masks are stored at the panorama's native resolution.
 
 Masks that come with a shard sample (``K.mask.png``, e.g. imported ``*_valid.png``), ``--shard-mask``:
 
@@ -36,31 +33,49 @@ Panoramas with a valid fraction under ``--min-valid`` (0.2) are recorded as reje
 too). The store's metadata records the models and thresholds; running with other settings into a store
 made with different ones stops with the list of differing fields (``--allow-mismatch`` to go on anyway).
 
-With ``--ray`` the panoramas are spread over ``--replicas`` Ray actors (one torch thread each, one CPU or
-``--gpus-per-replica``), with a bounded number of panoramas in flight; the driver is the only writer.
-Without ``--ray-address`` a local single-node cluster bound to 127.0.0.1 is started.
+With ``--ray`` the run is a Ray Data pipeline (:mod:`sharding.masks_ray`): shards are read by Ray tasks
+with the same reader, an actor pool of ``--replicas`` segmenters (one torch thread each, one CPU or
+``--gpus-per-replica``) makes the masks, and the driver, the only writer, stores them as they stream in.
+Without ``--ray-address`` (or ``RAY_ADDRESS``) a local single-node Ray bound to 127.0.0.1 is started
+(``sharding.ray_connect``).
 
-A run that stops halfway is resumed by running it again: stored keys are skipped (``--overwrite`` redoes
-them). A sample that cannot be decoded is skipped, counted and named in the summary; an unreadable or
-truncated shard is named too, and the run goes on.
+A run that stops halfway is resumed by running it again: stored keys are skipped (a corrupt entry, whose
+checksum fails, counts as not stored and is redone). ``--overwrite`` builds a new store beside the old one
+(``STORE.overwrite-new``, itself resumable) and swaps it in atomically when the run completes; until then
+readers keep the old store. A sample that cannot be decoded is skipped, counted by reason and named in the
+summary; an unreadable or truncated shard is named too, and the run goes on. Wrong input (missing store,
+other settings, missing weights) stops with one ``error:`` line and exit code 2 (``sharding.cli``).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-
+from sharding import cli
+from sharding.mask_samples import (  # noqa: F401 - part of this module's API
+    SHARD_MASK_RULES,
+    LazyMasker,
+    ModelLoadError,
+    RawSample,
+    RunSummary,
+    SampleResult,
+    _record,
+    build_masker,
+    decode_rgb,
+    decode_shard_mask,
+    expand_shards,
+    iter_shard_samples,
+    process_sample,
+    resolve,
+)
+from sharding.lmdb_base import swap_store  # noqa: F401 - used by --overwrite, part of this module's API
 from sharding.mask_store import DEFAULT_MIN_VALID, MaskStore, load_mask_png
 from sharding.segmenters import (
     DEFAULT_BOX_THRESHOLD,
@@ -75,259 +90,8 @@ from sharding.segmenters import (
 
 log = logging.getLogger("sharding.masks")
 
-SHARD_MASK_RULES = ("prefer", "combine", "ignore")
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-# ------------------------------------------------------------------------------------------ shard reading
-@dataclass
-class RawSample:
-    """The undecoded members of one shard sample."""
-
-    key: str
-    shard: str
-    rgb: bytes | None = None
-    rgb_name: str | None = None
-    mask: bytes | None = None
-    meta: bytes | None = None
-
-
-def resolve(specs: Sequence[str | os.PathLike], split: str | None = None) -> list[tuple[str, int | None]]:
-    """``(shard url, manifest count or None)`` for ``--shards``: what ``sharding.stream`` accepts (tar paths,
-    globs, brace patterns, a ``manifest.json`` or a folder holding one; every split unless ``split``),
-    plus folders of ``*.tar`` without a manifest."""
-    from sharding.manifest import MANIFEST, load_manifest, resolve_shards
-
-    out: list[tuple[str, int | None]] = []
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.is_dir() and not (p / MANIFEST).is_file():
-            found = sorted(str(x) for x in p.glob("*.tar"))
-            if not found:
-                raise FileNotFoundError(f"no *.tar shards (and no {MANIFEST}) in {p}")
-            out += [(i.url, i.count) for i in resolve_shards(found, count=False)]
-        elif split is None and (p.is_dir() or p.name == MANIFEST):
-            mpath = p / MANIFEST if p.is_dir() else p
-            for sp in load_manifest(mpath)["splits"]:
-                out += [(i.url, i.count) for i in resolve_shards(str(mpath), sp, count=False)]
-        else:
-            out += [(i.url, i.count) for i in resolve_shards(str(p), split, count=False)]
-    seen: set[str] = set()
-    return [x for x in out if not (x[0] in seen or seen.add(x[0]))]
-
-
-def expand_shards(specs: Sequence[str | os.PathLike], split: str | None = None) -> list[str]:
-    """Shard URLs for ``--shards`` (see :func:`resolve`)."""
-    return [u for u, _ in resolve(specs, split)]
-
-
-def _iter_shard_samples(shards: Iterable[tuple[str, int | None]], errors: list[tuple[str, str]]) -> Iterator[RawSample]:
-    """Samples of the shards in order, undecoded, read by ``sharding.stream.iter_shard`` (the trainer's
-    reader). A damaged shard, or one with fewer samples than its manifest count, is appended to ``errors``
-    as ``(shard, reason)``; the next shard is read."""
-    from sharding.stream import iter_shard
-
-    def on_skip(reason: str, name: str, detail: str = "") -> None:
-        errors.append((name, f"{reason}: {detail}" if detail else reason))
-
-    for url, count in shards:
-        for raw in iter_shard(url, count, on_skip):
-            rgb_name = next((k for k in raw if k.startswith("rgb.") and k[4:] in _IMAGE_EXTS), None)
-            yield RawSample(
-                key=raw["__key__"], shard=url,
-                rgb=raw.get(rgb_name) if rgb_name else None,
-                rgb_name=f"{raw['__key__']}.{rgb_name}" if rgb_name else None,
-                mask=raw.get("mask.png"), meta=raw.get("meta.json"),
-            )
-
-
-# ------------------------------------------------------------------------------------------ per sample
-class SampleError(Exception):
-    """A sample that cannot be used; the message names what is wrong."""
-
-
-def decode_rgb(sample: RawSample) -> np.ndarray:
-    from PIL import Image
-
-    if sample.rgb is None:
-        raise SampleError("no rgb.jpg/rgb.png member")
-    try:
-        with Image.open(io.BytesIO(sample.rgb)) as im:
-            im.load()
-            rgb = np.asarray(im.convert("RGB"))
-    except Exception as exc:
-        raise SampleError(f"cannot decode {sample.rgb_name}: {type(exc).__name__}: {exc}") from exc
-    if rgb.shape[0] < 2 or rgb.shape[1] < 2:
-        raise SampleError(f"{sample.rgb_name} is too small: {rgb.shape[1]}x{rgb.shape[0]}")
-    return rgb
-
-
-def decode_shard_mask(sample: RawSample, shape: tuple[int, int] | None) -> np.ndarray | None:
-    """The sample's ``mask.png`` (255 = valid) as bool at ``shape`` (nearest neighbour), or ``None``."""
-    if sample.mask is None:
-        return None
-    try:
-        mask = _mask_from_bytes(sample.mask)
-    except Exception as exc:
-        raise SampleError(f"cannot decode {sample.key}.mask.png: {exc}") from exc
-    if shape is not None and mask.shape != tuple(shape):
-        rows = (np.arange(shape[0]) * mask.shape[0] // shape[0]).clip(0, mask.shape[0] - 1)
-        cols = (np.arange(shape[1]) * mask.shape[1] // shape[1]).clip(0, mask.shape[1] - 1)
-        mask = mask[rows][:, cols]
-    return mask
-
-
-def _mask_from_bytes(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA", "PA"):
-            im = im.convert("RGBA").convert("RGB")
-        return np.asarray(im.convert("L")) > 127
-
-
-@dataclass
-class SampleResult:
-    key: str
-    valid: np.ndarray | None = None
-    source: str = ""
-    boxes: dict = field(default_factory=dict)  # prompt -> number of boxes
-    error: str | None = None
-
-
-def process_sample(masker: Any, sample: RawSample, rule: str) -> SampleResult:
-    """Decode one sample and make its validity mask (never raises for a bad sample: ``error`` says why)."""
-    try:
-        if rule == "prefer" and sample.mask is not None:
-            # the shard's own mask, taken as is; the image is still decoded to check that the sample is sound
-            rgb_shape = decode_rgb(sample).shape[:2]
-            return SampleResult(sample.key, decode_shard_mask(sample, rgb_shape), "imported")
-        rgb = decode_rgb(sample)
-        shard_mask = decode_shard_mask(sample, rgb.shape[:2]) if rule == "combine" else None
-        result = masker(rgb)
-        valid = result.valid
-        source = "model"
-        if shard_mask is not None:
-            valid = valid & shard_mask
-            source = "combined"
-        return SampleResult(sample.key, valid, source, dict(Counter(b.label for b in result.boxes)))
-    except SampleError as exc:
-        return SampleResult(sample.key, error=str(exc))
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # a model failure on one panorama is reported, not fatal
-        return SampleResult(sample.key, error=f"{type(exc).__name__}: {exc}")
-
-
-class ModelLoadError(RuntimeError):
-    """The models could not be built: fatal for the run (every panorama would fail the same way)."""
-
-
-def build_masker(cfg: MaskerConfig) -> Any:
-    from sharding.segmenters import SkyWatermarkMasker
-
-    try:
-        return SkyWatermarkMasker.from_config(cfg)
-    except Exception as exc:
-        raise ModelLoadError(str(exc)) from exc
-
-
-class _LazyMasker:
-    """Builds the models on first use, so that a run whose work is all stored loads no weights."""
-
-    def __init__(self, cfg: MaskerConfig) -> None:
-        self.cfg = cfg
-        self._masker: Any = None
-
-    def __call__(self, rgb: np.ndarray) -> Any:
-        if self._masker is None:
-            self._masker = build_masker(self.cfg)
-        return self._masker(rgb)
-
-
-class MaskWorker:
-    """A Ray actor's body: builds the models at start (one torch thread) and answers samples."""
-
-    def __init__(self, cfg: MaskerConfig, torch_threads: int = 1) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, torch_threads))
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            self.masker = build_masker(cfg)
-            self.error = None
-        except ModelLoadError as exc:  # reported by ping(), so the driver can stop with the reason
-            self.masker, self.error = None, str(exc)
-
-    def process(self, sample: RawSample, rule: str) -> SampleResult:
-        return process_sample(self.masker, sample, rule)
-
-    def ping(self) -> tuple[int, str | None]:
-        return os.getpid(), self.error
-
 
 # ------------------------------------------------------------------------------------------ the run
-@dataclass
-class RunSummary:
-    processed: int = 0
-    skipped_stored: int = 0
-    rejected: int = 0
-    rejected_keys: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (key or shard, reason)
-    by_source: dict[str, int] = field(default_factory=dict)
-    boxes: dict[str, int] = field(default_factory=dict)
-    valid_fraction_sum: float = 0.0
-    seconds: float = 0.0
-    stopped_at_limit: bool = False
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["failed"] = [list(x) for x in self.failed]
-        d["mean_valid_fraction"] = self.valid_fraction_sum / self.processed if self.processed else None
-        return d
-
-    def format(self, store: MaskStore | None = None) -> str:
-        lines = [
-            "mask run summary",
-            f"  processed              {self.processed} ({', '.join(f'{k}: {v}' for k, v in sorted(self.by_source.items())) or '-'})",
-            f"  skipped, already stored {self.skipped_stored}",
-            f"  rejected (< min valid)  {self.rejected}" + (f": {', '.join(self.rejected_keys[:10])}" + (" ..." if len(self.rejected_keys) > 10 else "") if self.rejected_keys else ""),
-            f"  failed                 {len(self.failed)}",
-        ]
-        lines += [f"    {name}: {reason}" for name, reason in self.failed[:20]]
-        if len(self.failed) > 20:
-            lines.append(f"    ... and {len(self.failed) - 20} more")
-        if self.processed:
-            lines.append(f"  mean valid fraction    {self.valid_fraction_sum / self.processed:.3f}")
-        if self.boxes:
-            lines.append(f"  boxes per prompt       {dict(sorted(self.boxes.items()))}")
-        rate = self.processed / self.seconds if self.seconds > 0 else 0.0
-        lines.append(f"  time                   {self.seconds:.1f} s ({rate:.2f} panoramas/s)")
-        if self.stopped_at_limit:
-            lines.append("  stopped at --limit; run again to continue")
-        if store is not None:
-            s = store.summary()
-            lines.append(f"  store {store.path}: {s['entries']} masks, {s['rejected']} rejected, by source {s['by_source']}")
-        return "\n".join(lines)
-
-
-def _record(store: MaskStore, summary: RunSummary, res: SampleResult) -> None:
-    if res.error is not None or res.valid is None:
-        summary.failed.append((res.key, res.error or "no mask"))
-        log.warning("sample %s skipped: %s", res.key, res.error)
-        return
-    fraction = store.put(res.key, res.valid, source=res.source)
-    summary.processed += 1
-    summary.valid_fraction_sum += fraction
-    summary.by_source[res.source] = summary.by_source.get(res.source, 0) + 1
-    for k, v in res.boxes.items():
-        summary.boxes[k] = summary.boxes.get(k, 0) + v
-    if store.is_rejected(res.key):
-        summary.rejected += 1
-        summary.rejected_keys.append(res.key)
-
-
 def _prepare_store(store: MaskStore, expected: dict, allow_mismatch: bool) -> None:
     stored = store.metadata
     diffs = {k: v for k, v in store.metadata_differences(expected).items() if v[0] != "<missing>"}
@@ -338,29 +102,6 @@ def _prepare_store(store: MaskStore, expected: dict, allow_mismatch: bool) -> No
                     store.path, ", ".join(sorted(diffs)))
         expected = {**expected, "mixed_settings": True}
     store.set_metadata({**stored, **expected})
-
-
-def _init_ray(address: str | None, replicas: int) -> bool:
-    """Connect to ``address`` or start a local single-node cluster on 127.0.0.1; True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind every port to 127.0.0.1
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local loopback-only cluster; no ~/.ray token
-    ray.init(
-        address="local",
-        num_cpus=max(replicas, os.cpu_count() or 1),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        object_store_memory=min(2_000_000_000, 500_000_000 * max(2, replicas)),
-        configure_logging=False,
-        log_to_driver=True,
-    )
-    return True
 
 
 def run_masks(
@@ -377,6 +118,7 @@ def run_masks(
     replicas: int = 2,
     ray_address: str | None = None,
     gpus_per_replica: float = 0.0,
+    batch_size: int = 2,
     progress: bool = True,
     masker: Any = None,
     split: str | None = None,
@@ -384,101 +126,93 @@ def run_masks(
     """Make and store validity masks for every sample of ``shards`` not yet in the store.
 
     ``masker`` (a callable ``rgb -> MaskResult``) replaces the models built from ``cfg`` (local runs only).
+    ``overwrite``: build a new store beside the old one and swap it in when the run completes.
     """
     from tqdm import tqdm
 
     if shard_mask not in SHARD_MASK_RULES:
-        raise ValueError(f"shard_mask must be one of {SHARD_MASK_RULES}, got {shard_mask!r}")
+        raise cli.UserError(f"shard_mask must be one of {SHARD_MASK_RULES}, got {shard_mask!r}")
+    if use_ray and masker is not None:
+        raise ValueError("a custom masker cannot be sent to Ray actors; pass cfg instead")
     cfg = cfg or MaskerConfig()
     shard_list = resolve(shards, split)
-    store = MaskStore(store_path, min_valid=min_valid)
+    final_path = os.fspath(store_path)
+    replace = overwrite and Path(final_path, "data.mdb").is_file()
+    work_path = f"{final_path.rstrip(os.sep)}.overwrite-new" if replace else final_path
+    store = MaskStore(work_path, min_valid=min_valid)
     expected = {**cfg.metadata(), "min_valid": float(min_valid), "shard_mask_rule": shard_mask}
     _prepare_store(store, expected, allow_mismatch)
+    if replace:
+        log.info("--overwrite: building the new store in %s; it replaces %s when the run completes",
+                 work_path, final_path)
     if cfg.tiny:
         log.warning("--tiny-random: the models have RANDOM weights and the masks are MEANINGLESS "
-                    "(plumbing demo/CI only); do not train on store %s", store.path)
+                    "(plumbing demo/CI only); do not train on store %s", final_path)
     summary = RunSummary()
     shard_errors: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    counts = [c for _, c in shard_list]
+    counts = [i.count for i in shard_list]
     total = sum(counts) if counts and all(c is not None for c in counts) else None  # type: ignore[misc]
     bar = tqdm(total=total, desc="masks", unit="pano", disable=not progress, file=sys.stderr)
 
-    def pending() -> Iterator[RawSample]:
-        for sample in _iter_shard_samples(shard_list, shard_errors):
-            bar.update(1)
-            if not overwrite and sample.key in store:
-                summary.skipped_stored += 1
-                continue
-            if limit is not None and summary.processed + len(summary.failed) + inflight_count() >= limit:
-                summary.stopped_at_limit = True
-                return
-            yield sample
-            bar.set_postfix(done=summary.processed, skipped=summary.skipped_stored, failed=len(summary.failed), refresh=False)
+    def at_limit() -> bool:
+        return limit is not None and summary.processed + len(summary.failed) >= limit
 
-    inflight: dict[Any, str] = {}
+    def postfix() -> None:
+        bar.set_postfix(done=summary.processed, skipped=summary.skipped_stored, failed=len(summary.failed),
+                        refresh=False)
 
-    def inflight_count() -> int:
-        return len(inflight)
-
-    started_ray = False
     try:
         if not use_ray:
-            local = masker if masker is not None else _LazyMasker(cfg)
-            for sample in pending():
-                _record(store, summary, process_sample(local, sample, shard_mask))
-        else:
-            import ray
-
-            if masker is not None:
-                raise ValueError("a custom masker cannot be sent to Ray actors; pass cfg instead")
-            actors: list = []
-            max_inflight = 2 * max(1, replicas)
-            i = 0
-            for sample in pending():
-                if sample.mask is not None and shard_mask == "prefer":
-                    _record(store, summary, process_sample(None, sample, shard_mask))  # no model needed
+            local = masker if masker is not None else LazyMasker(cfg)
+            for sample in iter_shard_samples(shard_list, shard_errors):
+                bar.update(1)
+                if sample.key in store:
+                    summary.skipped_stored += 1
                     continue
-                if not actors:  # started on the first panorama that needs the models
-                    started_ray = _init_ray(ray_address, replicas)
-                    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_replica)(MaskWorker)
-                    actors = [actor_cls.remote(cfg) for _ in range(max(1, replicas))]
-                    pings = ray.get([a.ping.remote() for a in actors])
-                    errors = {e for _, e in pings if e}
-                    if errors:
-                        raise ModelLoadError("; ".join(sorted(errors)))
-                    log.info("%d mask replicas up (pids %s)", len(actors), [p for p, _ in pings])
-                while len(inflight) >= max_inflight:
-                    done, _ = ray.wait(list(inflight), num_returns=1)
-                    _collect(ray, done, inflight, store, summary)
-                ref = actors[i % len(actors)].process.remote(sample, shard_mask)
-                inflight[ref] = sample.key
-                i += 1
-            while inflight:
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                _collect(ray, done, inflight, store, summary)
-            for a in actors:
-                ray.kill(a)
+                if at_limit():
+                    summary.stopped_at_limit = True
+                    break
+                _record(store, summary, process_sample(local, sample, shard_mask))
+                postfix()
+        else:
+            from sharding.masks_ray import run_ray_data, unpack_result
+
+            def on_row(row: dict) -> bool:
+                status = row["status"]
+                if status == "shard_error":
+                    shard_errors.append((row["key"], row["detail"]))
+                    return True
+                bar.update(1)
+                if status == "stored":
+                    summary.skipped_stored += 1
+                    return True
+                if at_limit():
+                    summary.stopped_at_limit = True
+                    return False
+                _record(store, summary, unpack_result(row))
+                postfix()
+                return True
+
+            skip = frozenset(k for k in store.keys() if k in store)  # corrupt entries are redone
+            run_ray_data(shard_list, cfg, rule=shard_mask, skip=skip, replicas=replicas,
+                         gpus_per_replica=gpus_per_replica, ray_address=ray_address, batch_size=batch_size,
+                         progress=progress, on_row=on_row)
     finally:
         bar.close()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     summary.failed += shard_errors
     summary.seconds = time.perf_counter() - t0
+    if replace:
+        if summary.stopped_at_limit:
+            log.info("--overwrite stopped at --limit: %s is kept until the new store %s is complete; run again "
+                     "with --overwrite to continue", final_path, work_path)
+        else:
+            store.close()
+            swap_store(work_path, final_path)
+            store = MaskStore(final_path, min_valid=min_valid)
+            log.info("the new store replaced %s", final_path)
     log.info("\n%s", summary.format(store))
     return summary
-
-
-def _collect(ray: Any, done: list, inflight: dict, store: MaskStore, summary: RunSummary) -> None:
-    for ref in done:
-        key = inflight.pop(ref)
-        try:
-            res = ray.get(ref)
-        except Exception as exc:  # the actor died or raised
-            res = SampleResult(key, error=f"replica failed: {type(exc).__name__}: {exc}")
-        _record(store, summary, res)
 
 
 # ------------------------------------------------------------------------------------------ imports
@@ -501,12 +235,12 @@ def import_masks(
         if p.is_dir():
             found = sorted(p.glob(f"*{key_suffix}.png"))
             if not found:
-                raise FileNotFoundError(f"no *{key_suffix}.png masks in {p}")
+                raise cli.UserError(f"no *{key_suffix}.png masks in {p}")
             files += found
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"mask file not found: {p}")
+            raise cli.UserError(f"mask file not found: {p}")
     store = MaskStore(store_path, min_valid=min_valid)
     stored = store.metadata
     if "min_valid" in stored and float(stored["min_valid"]) != float(min_valid):
@@ -577,51 +311,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mask", choices=SHARD_MASK_RULES, default="prefer", help="what to do with a sample's own mask.png")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--limit", type=int, default=None, help="stop after this many new panoramas (resume later)")
-    p.add_argument("--overwrite", action="store_true", help="redo keys that are already stored")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--shards: build a new store beside STORE and swap it in when complete; "
+                        "--import-masks: re-import keys that are already stored")
     p.add_argument("--allow-mismatch", action="store_true", help="write into a store made with other settings")
-    p.add_argument("--ray", action="store_true", help="spread the work over Ray actor replicas")
-    p.add_argument("--replicas", type=int, default=2, help="Ray actors (one torch thread each)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (actor pool of segmenters)")
+    p.add_argument("--replicas", type=int, default=2, help="--ray: segmenter actors (one torch thread each)")
+    p.add_argument("--batch-size", type=int, default=2, help="--ray: panoramas per segmenter call")
     p.add_argument("--ray-address", default=None, help="existing cluster (default: a local one on 127.0.0.1)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPU share of each Ray actor")
     p.add_argument("--summary-json", default=None, help="also write the summary here")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    cli.add_common_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.import_masks:
-            summary = import_masks(args.import_masks, args.store, key_suffix=args.key_suffix,
-                                   key_prefix=args.key_prefix, min_valid=args.min_valid,
-                                   overwrite=args.overwrite, progress=not args.no_progress)
-        else:
-            detector, sam = args.detector, args.sam
-            if args.tiny_random:
-                detector = sam = TINY_RANDOM
-            cfg = MaskerConfig(
-                detector=detector, sam=sam, sam_type=args.sam_type, tokenizer=args.tokenizer,
-                prompts=tuple(args.prompts), box_threshold=args.box_threshold,
-                text_threshold=args.text_threshold, detect_height=args.detect_height,
-                max_boxes=args.max_boxes, device=args.device,
-            )
-            summary = run_masks(
-                args.shards, args.store, cfg, min_valid=args.min_valid, shard_mask=args.shard_mask,
-                limit=args.limit, overwrite=args.overwrite, allow_mismatch=args.allow_mismatch,
-                use_ray=args.ray, replicas=args.replicas, ray_address=args.ray_address,
-                gpus_per_replica=args.gpus_per_replica, progress=not args.no_progress, split=args.split,
-            )
-    except (ValueError, OSError, ModelLoadError) as exc:
-        log.debug("details", exc_info=True)
-        log.error("%s", exc)
-        return 2
+    cli.setup_logging(args.log_level)
+    if args.import_masks:
+        summary = import_masks(args.import_masks, args.store, key_suffix=args.key_suffix, key_prefix=args.key_prefix,
+                               min_valid=args.min_valid, overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        detector, sam = args.detector, args.sam
+        if args.tiny_random:
+            detector = sam = TINY_RANDOM
+        cfg = MaskerConfig(
+            detector=detector, sam=sam, sam_type=args.sam_type, tokenizer=args.tokenizer,
+            prompts=tuple(args.prompts), box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+            detect_height=args.detect_height, max_boxes=args.max_boxes, device=args.device,
+        )
+        summary = run_masks(
+            args.shards, args.store, cfg, min_valid=args.min_valid, shard_mask=args.shard_mask, limit=args.limit,
+            overwrite=args.overwrite, allow_mismatch=args.allow_mismatch, use_ray=args.ray, replicas=args.replicas,
+            ray_address=args.ray_address, gpus_per_replica=args.gpus_per_replica, batch_size=args.batch_size,
+            progress=not args.no_progress, split=args.split,
+        )
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2))
     return 1 if summary.failed and not summary.processed and not summary.skipped_stored else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(cli.run(main))

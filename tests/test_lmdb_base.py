@@ -125,3 +125,12 @@ def test_exclusive_inside_own_transaction_is_refused():
             gate.acquire_exclusive()
     with gate.exclusive():
         pass
+
+
+def test_swap_store_exchanges_directories(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "data.mdb").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "data.mdb").write_text("new")
+    L.swap_store(tmp_path / "new", tmp_path / "old")
+    assert (tmp_path / "old" / "data.mdb").read_text() == "new" and not (tmp_path / "new").exists()

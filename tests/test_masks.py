@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sharding import cli
 from sharding import masks as M
 from sharding.mask_store import MaskStore
 from sharding.grounding_dino import Box, load_grounding_dino
@@ -99,8 +100,8 @@ def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch):
     with pytest.raises(M.ModelLoadError, match="sam_vit_b_missing.pth"):
         M.run_masks([url], tmp_path / "w.lmdb", cfg, progress=False)
     assert len(MaskStore(tmp_path / "w.lmdb")) == 0
-    assert M.main(["--shards", url, "--store", str(tmp_path / "w.lmdb"), "--sam", str(tmp_path / "nope_vit_b.pth"),
-                   "--detector", TINY_RANDOM, "--no-progress"]) == 2
+    assert cli.run(M.main, ["--shards", url, "--store", str(tmp_path / "w.lmdb"), "--sam",
+                            str(tmp_path / "nope_vit_b.pth"), "--detector", TINY_RANDOM, "--no-progress"]) == 2
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -148,13 +149,16 @@ def test_corrupt_samples_and_truncated_shards_are_named_not_fatal(tmp_path, pano
     fake = FakeMasker(rows=8)
     summary = M.run_masks([a, b, str(c)], tmp_path / "m.lmdb", TINY, masker=fake, progress=False)
     failed = dict(summary.failed)
-    assert "cannot decode bad_jpeg.rgb.jpg" in failed["bad_jpeg"]
-    assert "no rgb" in failed["no_rgb"] and "mask.png" in failed["bad_mask"]
+    assert failed["bad_jpeg"].startswith("unreadable_image: bad_jpeg.rgb.jpg")
+    assert failed["no_rgb"].startswith("incomplete_sample") and "no rgb" in failed["no_rgb"]
+    assert failed["bad_mask"].startswith("unreadable_mask: bad_mask.mask.png")
     assert "truncated_shard" in failed[b] and "late1" in failed[b]
     assert "truncated_shard" in failed[str(c)]
     store = MaskStore(tmp_path / "m.lmdb")
     assert sorted(store.keys()) == ["late0", "ok0", "ok1", "ok2"]
     assert summary.processed == 4 and len(summary.failed) == 5
+    assert summary.failed_by_reason() == {"unreadable_image": 1, "incomplete_sample": 1, "unreadable_mask": 1,
+                                          "truncated_shard": 2}
 
     # a shard cut between two samples ends "cleanly": its manifest count tells
     d = tmp_path / "cut"
@@ -204,14 +208,38 @@ def test_shard_masks_rejection_and_metadata(tmp_path, panos):
     # other settings into the same store: the differing fields are listed, nothing is written
     other = MaskerConfig(detector=TINY_RANDOM, sam=TINY_RANDOM, box_threshold=0.35)
     with pytest.raises(ValueError, match=r"box_threshold: store has 0\.3, expected 0\.35") as err:
-        M.run_masks([url], tmp_path / "rej.lmdb", other, masker=fake, shard_mask="ignore", overwrite=True,
+        M.run_masks([url], tmp_path / "rej.lmdb", other, masker=fake, shard_mask="ignore", progress=False)
+    assert "text_threshold" not in str(err.value) and isinstance(err.value, cli.UserError)
+    rc = cli.run(M.main, ["--shards", url, "--store", str(tmp_path / "rej.lmdb"), "--tiny-random", "--shard-mask",
+                          "ignore", "--box-threshold", "0.35", "--no-progress"])
+    assert rc == 2
+    s = M.run_masks([url], tmp_path / "rej.lmdb", other, masker=fake, shard_mask="ignore", allow_mismatch=True,
                     progress=False)
-    assert "text_threshold" not in str(err.value)
-    assert M.main(["--shards", url, "--store", str(tmp_path / "rej.lmdb"), "--tiny-random",
-                   "--shard-mask", "ignore", "--box-threshold", "0.35", "--no-progress"]) == 2
-    s = M.run_masks([url], tmp_path / "rej.lmdb", other, masker=fake, shard_mask="ignore", overwrite=True,
-                    allow_mismatch=True, progress=False)
-    assert s.processed == 2 and MaskStore(tmp_path / "rej.lmdb").metadata["mixed_settings"] is True
+    assert (s.processed, s.skipped_stored) == (0, 2)
+    assert MaskStore(tmp_path / "rej.lmdb").metadata["mixed_settings"] is True
+
+
+def test_overwrite_builds_beside_and_swaps(tmp_path, panos):
+    url = _write_shard(tmp_path / "o-000000.tar", [_sample(f"o{i}", panos[i], fmt="png") for i in range(3)])
+    path = tmp_path / "o.lmdb"
+    M.run_masks([url], path, TINY, masker=FakeMasker(rows=56), shard_mask="ignore", progress=False)
+    reader = MaskStore(path, readonly=True)  # a reader of the old store keeps a consistent view
+    assert reader.rejected() == ["o0", "o1", "o2"]
+    other = MaskerConfig(detector=TINY_RANDOM, sam=TINY_RANDOM, box_threshold=0.35)
+    # stopped at --limit: the old store stays in place, the new one waits beside it
+    s = M.run_masks([url], path, other, masker=FakeMasker(rows=8), shard_mask="ignore", overwrite=True, limit=2,
+                    progress=False)
+    assert s.stopped_at_limit and MaskStore(path).metadata["box_threshold"] == 0.3
+    beside = Path(f"{path}.overwrite-new")
+    assert sorted(MaskStore(beside).keys()) == ["o0", "o1"]
+    # run again: resumes the new store, then swaps it in
+    s = M.run_masks([url], path, other, masker=FakeMasker(rows=8), shard_mask="ignore", overwrite=True,
+                    progress=False)
+    assert (s.processed, s.skipped_stored) == (1, 2) and not beside.exists()
+    new = MaskStore(path, readonly=True)
+    assert new.metadata["box_threshold"] == 0.35 and "mixed_settings" not in new.metadata
+    assert new.rejected() == [] and new.valid_fraction("o2") == pytest.approx(1 - 8 / 64)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o.lmdb")) == ["o.lmdb"]
 
 
 def test_import_cli_on_the_real_sample_masks(tmp_path, samples_dir):
@@ -234,15 +262,38 @@ def test_import_cli_on_the_real_sample_masks(tmp_path, samples_dir):
     assert json.loads((tmp_path / "s.json").read_text())["skipped_stored"] == len(pngs)
 
 
-def test_ray_two_replicas_match_the_local_run(tmp_path, panos):
-    url = _write_shard(tmp_path / "r-000000.tar", [_sample(f"r{i}", panos[i]) for i in range(3)])
-    s = M.run_masks([url], tmp_path / "ray.lmdb", TINY, use_ray=True, replicas=2, progress=False)
-    assert (s.processed, s.failed) == (3, [])
-    local = M.run_masks([url], tmp_path / "local.lmdb", TINY, progress=False)
-    assert local.processed == 3
-    a, b = MaskStore(tmp_path / "ray.lmdb"), MaskStore(tmp_path / "local.lmdb")
-    for i in range(3):  # same seeded tiny models in the actors: (nearly) the same masks
-        ma, mb = a.get(f"r{i}"), b.get(f"r{i}")
-        assert ma.shape == mb.shape == (64, 128)
-        assert (ma == mb).mean() > 0.99
-    assert a.metadata == b.metadata
+def test_ray_data_run_matches_local_counts_bad_samples_and_resumes(tmp_path, panos):
+    """--ray (Ray Data: reader tasks, an actor pool of segmenters, the driver as the one writer)."""
+    from sharding.ray_connect import connect
+
+    bad = {"__key__": "bad_jpeg", "rgb.jpg": b"\xff\xd8 garbage", "meta.json": b"{}"}
+    a = _write_shard(tmp_path / "r-000000.tar", [_sample("r0", panos[0]), bad, _sample("r1", panos[1])])
+    b = _write_shard(tmp_path / "r-000001.tar", [_sample(f"r{i}", panos[i]) for i in (2, 3, 4)])
+    c = tmp_path / "r-000002.tar"
+    c.write_bytes(b"this is not a tar file at all" * 40)
+    shards = [a, b, str(c)]
+    MaskStore(tmp_path / "ray.lmdb").put("r4", np.ones((64, 128), bool))  # already stored: skipped
+    import ray
+
+    started = connect(None, num_cpus=3, object_store_memory=300_000_000)  # shared by the runs below
+    try:
+        s1 = M.run_masks(shards, tmp_path / "ray.lmdb", TINY, use_ray=True, replicas=2, limit=2, progress=False)
+        assert s1.stopped_at_limit
+        assert s1.processed + sum(not why.startswith("truncated_shard") for _, why in s1.failed) == 2
+        s2 = M.run_masks(shards, tmp_path / "ray.lmdb", TINY, use_ray=True, replicas=2, progress=False)
+    finally:
+        if started:
+            ray.shutdown()
+    failed = dict(s1.failed + s2.failed)
+    assert failed["bad_jpeg"].startswith("unreadable_image: bad_jpeg.rgb.jpg")
+    assert failed[str(c)].startswith("truncated_shard")
+    assert s1.processed + s2.processed == 4 and s2.skipped_stored == 1 + s1.processed
+    assert s2.failed_by_reason()["truncated_shard"] == 1
+    local = M.run_masks(shards, tmp_path / "local.lmdb", TINY, progress=False)
+    assert local.processed == 5 and local.failed_by_reason() == {"unreadable_image": 1, "truncated_shard": 1}
+    r, lo = MaskStore(tmp_path / "ray.lmdb"), MaskStore(tmp_path / "local.lmdb")
+    assert sorted(r.keys()) == sorted(lo.keys()) == [f"r{i}" for i in range(5)]
+    for i in range(4):  # same seeded tiny models in the actors: (nearly) the same masks
+        ma, mb = r.get(f"r{i}"), lo.get(f"r{i}")
+        assert ma.shape == mb.shape == (64, 128) and (ma == mb).mean() > 0.99
+    assert r.metadata == lo.metadata
