@@ -34,7 +34,8 @@ Rows run in this order, each for every seed; the pseudo-label row's teacher is c
 The runs of one seed share initial weights and data order. Each run gets one torch thread
 (``OMP_NUM_THREADS=1``): on 2 shared cores two threads made steps several times slower. Every trained
 student (and, for reference, the untrained student of each seed) is then scored in this process with
-``student.evaluate.evaluate_predictor`` (median alignment, 0 < gt <= 10 m) on the held-out **house** scenes
+``student.evaluate.evaluate_predictor`` (the reference code's lstsq protocol, 0 < gt <= 10 m; house AbsRel under
+median beside it; a content-free constant-depth baseline scored the same way) on the held-out **house** scenes
 (the target domain, as in each run's eval.json, whose AbsRel is kept as a cross-check) and on 32 held-out
 **apartment** scenes (the source domain, the same generation settings with ``val_style=apartment``).
 Outputs: ``--out`` (JSON) and the same path with ``.md`` (table).
@@ -237,18 +238,23 @@ def main(argv: list[str] | None = None) -> int:
         log(f"held-out {domain}: {len(sets[domain])} panoramas from {urls[0]}")
     device = torch.device("cpu")
 
-    def evaluate(model) -> dict:
+    def evaluate(model, predict=None) -> dict:
         res = {}
         for domain, samples in sets.items():
-            m = evaluate_predictor(student_predictor(model), samples, device=device, protocol="median",
-                                   max_depth=10.0, batch_size=4)["metrics"]
-            res[domain] = {"abs_rel": m["abs_rel"], "delta1": m["delta1"], "rmse": m["rmse"]}
+            rep = evaluate_predictor(predict or student_predictor(model), samples, device=device, protocol="lstsq",
+                                     max_depth=10.0, batch_size=4)
+            m = rep["metrics"]
+            res[domain] = {"abs_rel": m["abs_rel"], "delta1": m["delta1"], "rmse": m["rmse"],
+                           "abs_rel_median": rep["metrics_by_protocol"]["median"]["abs_rel"]}
         return res
 
     runs: dict[str, dict] = {}
     scores: dict[str, dict] = {}
     teacher_wait_s = 0.0
     teacher_info: dict = {}
+    import _evidence
+
+    scores["baseline: constant depth"] = evaluate(None, _evidence.constant_predictor)
     for seed in args.seeds:
         torch.manual_seed(seed)  # the initial weights of this seed's runs (session.py does the same)
         scores[f"untrained s{seed}"] = evaluate(build_student(cfg.model))
@@ -276,36 +282,39 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: house AbsRel {s['house']['abs_rel']:.4f} (eval.json {runs[name]['eval_json_abs_rel']:.4f}), "
                 f"delta1 {s['house']['delta1']:.3f}; apartment AbsRel {s['apartment']['abs_rel']:.4f}{disc}")
 
-    groups = {"untrained": [f"untrained s{s}" for s in args.seeds]}
+    groups = {"baseline: constant depth": ["baseline: constant depth"],
+              "untrained": [f"untrained s{s}" for s in args.seeds]}
     for row in args.rows:
         groups[row] = [f"{row} s{s}" for s in args.seeds]
     table_rows = {}
     for g, names in groups.items():
         cols = {}
         for domain in ("house", "apartment"):
-            for metric in ("abs_rel", "delta1"):
+            for metric in ("abs_rel", "delta1", "abs_rel_median"):
                 cols[f"{domain}_{metric}"] = mean_sd([scores[n][domain][metric] for n in names])
         cols["gap"] = mean_sd([scores[n]["house"]["abs_rel"] - scores[n]["apartment"]["abs_rel"] for n in names])
         cols["per_seed_house_abs_rel"] = [scores[n]["house"]["abs_rel"] for n in names]
         table_rows[g] = cols
     a = cfg.adversarial
-    label = {"untrained": "untrained (reference)", "depth": f"depth (+ smoothness {a.smooth_weight:g})",
+    label = {"baseline: constant depth": "baseline: constant depth", "untrained": "untrained (reference)", "depth": f"depth (+ smoothness {a.smooth_weight:g})",
              "+ normal": f"+ normal ({a.normal_weight:g})",
              "+ adversarial": f"+ adversarial (α = {cfg.adversarial.adv_weight:g}, 2nd half)",
              "+ pseudo labels": "+ pseudo labels (" + ("oracle teacher: upper bound" if teacher_name == "oracle"
                                                        else "own teacher") + ")"}
-    lines = ["| rows (cumulative) | house AbsRel ↓ | house δ1 ↑ | apartment AbsRel ↓ | apartment δ1 ↑ "
-             "| gap (house − apartment AbsRel) | house AbsRel per seed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| rows (cumulative) | house AbsRel ↓ | house AbsRel median | house δ1 ↑ | apartment AbsRel ↓ "
+             "| apartment δ1 ↑ | gap (house − apartment AbsRel) | house AbsRel per seed |",
+             "|---|---|---|---|---|---|---|---|"]
     for g, c in table_rows.items():
-        lines.append(f"| {label[g]} | {fmt(*c['house_abs_rel'])} | {fmt(*c['house_delta1'], 3)} | "
+        lines.append(f"| {label[g]} | {fmt(*c['house_abs_rel'])} | {fmt(*c['house_abs_rel_median'])} | "
+                     f"{fmt(*c['house_delta1'], 3)} | "
                      f"{fmt(*c['apartment_abs_rel'])} | {fmt(*c['apartment_delta1'], 3)} | {fmt(*c['gap'])} | "
                      + ", ".join(f"{v:.4f}" for v in c["per_seed_house_abs_rel"]) + " |")
     md = "\n".join(lines)
     wall = time.perf_counter() - t_start
     header = (f"{args.model} at {args.height}x{2 * args.height}, {args.steps} steps, seeds {args.seeds}; "
               f"synthetic = apartment (labeled), real = house (unlabeled); {len(sets['house'])} + "
-              f"{len(sets['apartment'])} held-out scenes; median alignment; mean ± sd over seeds. "
+              f"{len(sets['apartment'])} held-out scenes; lstsq alignment (the reference code's; house AbsRel under "
+              f"median beside it); mean ± sd over seeds. "
               f"Pseudo labels: {teacher_sentence}.")
     result = {
         "benchmark": "bench/domain_gap.py", "started_utc": started.isoformat(timespec="seconds"),

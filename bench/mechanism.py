@@ -17,8 +17,11 @@ threads made every step 8-9x slower here.
 Everything is then scored in this process on the held-out scenes, with the same predictions for every
 metric:
 
-* **AbsRel, delta1**: ``student.evaluate.evaluate_predictor`` (median alignment, 0 < gt <= 10 m), the same
-  code that writes each run's eval.json (whose AbsRel is kept in the JSON as a cross-check).
+* **AbsRel, delta1**: ``student.evaluate.evaluate_predictor`` (the reference code's ``lstsq`` protocol,
+  0 < gt <= 10 m; AbsRel under ``median`` beside it), the same code that writes each run's eval.json (whose
+  AbsRel is kept in the JSON as a cross-check).
+* **baseline: constant depth**: a content-free constant prediction scored the same way; **goal A**: the
+  oracle-taught student reaches AbsRel <= 0.05 (lstsq) on the held-out scenes (the table's last line).
 * **seam ratio** (the artefact): on the equirect map ``d`` (disparity divided by its median over valid
   pixels), label every pixel with the face of the *unrotated* cube that its ray hits (``ray_face_coords``;
   the cube the no-rotation student was trained on). A *border pair* (p, q) is two neighbouring pixels (q the
@@ -73,12 +76,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import _child  # noqa: E402  (bench/, first on sys.path when run as a script)
+import _evidence  # noqa: E402
 from _child import log  # noqa: E402
+from _seams import (SeamAccumulator, draw_figure, face_scale_spread, median_normalised,  # noqa: E402
+                    score_ground_truth, seam_pairs)
 
 BASE_CONFIG = "configs/tiny.yaml"
-FACE_SIDE, FACE_CAP = 0, 1
-
-
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -118,112 +121,6 @@ def train(name: str, overrides: list[str], run_dir: Path) -> dict:
             "eval_json_abs_rel": run.eval.get("metrics", {}).get("abs_rel")}
 
 
-# --------------------------------------------------------------------------------------- the metrics
-
-def face_labels(height: int, width: int) -> torch.Tensor:
-    from panorama import equirect_directions, ray_face_coords
-
-    face, _, _ = ray_face_coords(equirect_directions(height, width, dtype=torch.float64))
-    return face  # (H, W) in F, R, B, L, U, D order
-
-
-def seam_pairs(height: int, width: int, offset: int = 2) -> dict[str, torch.Tensor]:
-    """Flat pixel indices of border pairs, their flanking pairs (the border pair shifted by ``offset`` pixels
-    to either side along its direction) and all same-face pairs (see the module docstring)."""
-    face = face_labels(height, width)
-    ii, jj = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-
-    def flat(i, j):
-        return i * width + (j % width)
-
-    bp, bq, btype, fa, fb, ftype, ia, ib = [], [], [], [], [], [], [], []
-    for di, dj in ((0, 1), (1, 0)):
-        rows = height - di  # vertical pairs stop at the last row; horizontal ones wrap in longitude
-        i, j = ii[:rows], jj[:rows]
-        p, q = flat(i, j), flat(i + di, j + dj)
-        fp, fq = face.flatten()[p], face.flatten()[q]
-        same = fp == fq
-        ia.append(p[same])
-        ib.append(q[same])
-        border = ~same
-        kind = torch.where((fp < 4) & (fq < 4), FACE_SIDE, FACE_CAP)
-        bp.append(p[border])
-        bq.append(q[border])
-        btype.append(kind[border])
-        # flanking pairs: the border pair shifted by -offset and +offset steps, kept if it lies on one face
-        k = offset
-        for (a_i, a_j, b_i, b_j) in ((i - k * di, j - k * dj, i + di - k * di, j + dj - k * dj),
-                                     (i + k * di, j + k * dj, i + di + k * di, j + dj + k * dj)):
-            inside = border & (a_i >= 0) & (b_i < height) & (a_i < height) & (b_i >= 0)
-            a, b = flat(a_i.clamp(0, height - 1), a_j), flat(b_i.clamp(0, height - 1), b_j)
-            inside = inside & (face.flatten()[a] == face.flatten()[b])
-            fa.append(a[inside])
-            fb.append(b[inside])
-            ftype.append(kind[inside])
-    cat = torch.cat
-    return {"border_p": cat(bp), "border_q": cat(bq), "border_type": cat(btype), "flank_a": cat(fa),
-            "flank_b": cat(fb), "flank_type": cat(ftype), "inner_a": cat(ia), "inner_b": cat(ib), "face": face}
-
-
-class SeamAccumulator:
-    """Sums of |jump| and counts per pair class, pooled over images."""
-
-    KEYS = ("border", "border_side", "border_cap", "flank", "flank_side", "flank_cap", "inner")
-
-    def __init__(self):
-        self.sums = {k: 0.0 for k in self.KEYS}
-        self.counts = {k: 0 for k in self.KEYS}
-
-    def add(self, d: torch.Tensor, ok: torch.Tensor, pairs: dict) -> None:
-        """``d`` (H, W) map, ``ok`` (H, W) validity."""
-        d, ok = d.flatten().double(), ok.flatten()
-
-        def acc(key, a, b, sel=None):
-            if sel is not None:
-                a, b = a[sel], b[sel]
-            keep = ok[a] & ok[b]
-            self.sums[key] += float((d[a] - d[b]).abs()[keep].sum())
-            self.counts[key] += int(keep.sum())
-
-        p, q, t = pairs["border_p"], pairs["border_q"], pairs["border_type"]
-        acc("border", p, q)
-        acc("border_side", p, q, t == FACE_SIDE)
-        acc("border_cap", p, q, t == FACE_CAP)
-        a, b, t = pairs["flank_a"], pairs["flank_b"], pairs["flank_type"]
-        acc("flank", a, b)
-        acc("flank_side", a, b, t == FACE_SIDE)
-        acc("flank_cap", a, b, t == FACE_CAP)
-        acc("inner", pairs["inner_a"], pairs["inner_b"])
-
-    def mean(self, key: str) -> float:
-        return self.sums[key] / self.counts[key] if self.counts[key] else math.nan
-
-    def result(self) -> dict[str, float]:
-        m = self.mean
-
-        def ratio(a: str, b: str) -> float:
-            return m(a) / m(b) if m(b) > 0 else math.nan  # nan for a map without jumps (the exact truth)
-
-        return {"seam_ratio": ratio("border", "flank"), "seam_ratio_side": ratio("border_side", "flank_side"),
-                "seam_ratio_cap": ratio("border_cap", "flank_cap"), "interior_ratio": ratio("border", "inner"),
-                "border_jump": m("border"), "flank_jump": m("flank"), "pairs_border": self.counts["border"],
-                "pairs_flank": self.counts["flank"]}
-
-
-def median_normalised(disp: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    med = disp[ok].median() if bool(ok.any()) else torch.tensor(1.0)
-    return disp / med.clamp_min(1e-12)
-
-
-def face_scale_spread(d_pred: torch.Tensor, d_gt: torch.Tensor, ok: torch.Tensor, face: torch.Tensor) -> float:
-    logs = []
-    for k in range(6):
-        m = ok & (face == k) & (d_pred > 0)
-        if int(m.sum()) >= 20:
-            logs.append(float(torch.log(d_gt[m] / d_pred[m]).median()))
-    return statistics.pstdev(logs) if len(logs) >= 2 else math.nan
-
-
 def score(predict, samples: list[dict], pairs: dict, device: torch.device, keep_first: bool = True) -> dict:
     """AbsRel etc. by evaluate_predictor, plus seam metrics on the same predictions."""
     from student.evaluate import evaluate_predictor
@@ -235,8 +132,9 @@ def score(predict, samples: list[dict], pairs: dict, device: torch.device, keep_
         preds.append(out.float().cpu())
         return out
 
-    report = evaluate_predictor(capture, samples, device=device, protocol="median", max_depth=10.0,
+    report = evaluate_predictor(capture, samples, device=device, protocol="lstsq", max_depth=10.0,
                                 batch_size=4)
+    median = report["metrics_by_protocol"]["median"]
     disp = torch.cat(preds)[:, 0]
     seam, err = SeamAccumulator(), SeamAccumulator()
     spreads = []
@@ -249,6 +147,7 @@ def score(predict, samples: list[dict], pairs: dict, device: torch.device, keep_
         err.add(dn_pred - dn_gt, ok, pairs)
         spreads.append(face_scale_spread(dp, d_gt, ok, pairs["face"]))
     out = {"abs_rel": report["metrics"]["abs_rel"], "delta1": report["metrics"]["delta1"],
+           "abs_rel_median": median["abs_rel"], "delta1_median": median["delta1"],
            "images": report["images"], **seam.result(),
            "error_seam_ratio": err.result()["seam_ratio"], "error_seam_ratio_side": err.result()["seam_ratio_side"],
            "error_seam_ratio_cap": err.result()["seam_ratio_cap"],
@@ -256,72 +155,6 @@ def score(predict, samples: list[dict], pairs: dict, device: torch.device, keep_
     if keep_first:
         out["_first"] = disp[0]
     return out
-
-
-def score_ground_truth(samples: list[dict], pairs: dict, seed: int = 0) -> tuple[dict, dict]:
-    """Seam metrics of the exact disparity, and of a positive control: the exact disparity times a random
-    scale in [0.8, 1.25] per unrotated face (what an unconstrained per-face solution could look like)."""
-    seam, control, control_err = SeamAccumulator(), SeamAccumulator(), SeamAccumulator()
-    gen = torch.Generator().manual_seed(seed)
-    spreads = []
-    for s in samples:
-        gt = s["depth"][0]
-        ok = s["valid"][0].bool() & (gt > 0) & (gt <= 10.0) & torch.isfinite(gt)
-        d_gt = torch.where(ok, 1.0 / gt.clamp_min(1e-6), torch.zeros_like(gt))
-        dn = median_normalised(d_gt, ok)
-        seam.add(dn, ok, pairs)
-        scale = torch.exp(torch.empty(6).uniform_(math.log(0.8), math.log(1.25), generator=gen))[pairs["face"]]
-        d_c = d_gt * scale
-        control.add(median_normalised(d_c, ok), ok, pairs)
-        control_err.add(median_normalised(d_c, ok) - dn, ok, pairs)
-        spreads.append(face_scale_spread(d_c, d_gt, ok, pairs["face"]))
-    c = control.result()
-    c["error_seam_ratio"] = control_err.result()["seam_ratio"]
-    c["face_scale_spread"] = statistics.fmean(spreads)
-    return seam.result(), c
-
-
-# ------------------------------------------------------------------------------------------ pictures
-
-def jump_map(d: torch.Tensor) -> torch.Tensor:
-    dx = (torch.roll(d, -1, -1) - d).abs()
-    dy = torch.cat([(d[1:] - d[:-1]).abs(), torch.zeros_like(d[:1])], 0)
-    return torch.maximum(dx, dy)
-
-
-def draw_figure(path: Path, sample: dict, panels: list[tuple[str, torch.Tensor]], face: torch.Tensor) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    gt = sample["depth"][0]
-    ok = sample["valid"][0].bool() & (gt > 0) & (gt <= 10.0)
-    d_gt = median_normalised(torch.where(ok, 1.0 / gt.clamp_min(1e-6), torch.zeros_like(gt)), ok)
-    maps = [("ground truth", d_gt)] + [(t, median_normalised(d, ok)) for t, d in panels]
-    below = torch.cat([face[1:] != face[:-1], torch.zeros_like(face[:1], dtype=torch.bool)], 0)
-    border = (face != torch.roll(face, -1, -1)) | below
-    overlay = np.ma.masked_where(~border.numpy(), np.ones(face.shape))
-    vmin, vmax = np.percentile(d_gt[ok].numpy(), [2, 98])
-    n = len(maps) + 1
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 4.4), constrained_layout=True)
-    axes[0, 0].imshow(sample["rgb"].permute(1, 2, 0).numpy())
-    axes[0, 0].set_title("RGB (held-out scene)", fontsize=9)
-    axes[1, 0].imshow(overlay, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    axes[1, 0].set_title("unrotated cube face borders", fontsize=9)
-    jmax = float(np.percentile(jump_map(d_gt).numpy(), 99)) * 1.5
-    for c, (title, d) in enumerate(maps, start=1):
-        axes[0, c].imshow(d.numpy(), cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
-        axes[0, c].imshow(overlay, cmap="cool", alpha=0.35, interpolation="nearest")
-        axes[0, c].set_title(f"{title}: disparity / median", fontsize=9)
-        axes[1, c].imshow(jump_map(d).numpy(), cmap="viridis", vmin=0, vmax=jmax, interpolation="nearest")
-        axes[1, c].set_title(f"{title}: |jump| to right/lower neighbour", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def draw_loss(path: Path, runs: dict) -> None:
@@ -365,7 +198,8 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-COLUMNS = (("abs_rel", "AbsRel", 4), ("delta1", "δ1", 3), ("seam_ratio", "seam ratio", 2),
+COLUMNS = (("abs_rel", "AbsRel", 4), ("abs_rel_median", "AbsRel median", 4), ("delta1", "δ1", 3),
+           ("seam_ratio", "seam ratio", 2),
            ("seam_ratio_side", "side", 2), ("seam_ratio_cap", "cap", 2), ("error_seam_ratio", "error seam", 2),
            ("interior_ratio", "border/interior", 2), ("face_scale_spread", "face scale spread", 3))
 
@@ -383,6 +217,20 @@ def table(rows: dict[str, dict]) -> str:
         cells = [fmt(*row.get(k, (math.nan, None)), d) for k, _, d in COLUMNS]
         lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+GOAL_A = 0.05
+
+
+def goal_a(rows: dict[str, dict]) -> str:
+    """Goal A: a student taught by the oracle teacher alone reaches AbsRel <= 0.05 (lstsq) on held-out scenes."""
+    trained = {g: r["abs_rel"][0] for g, r in rows.items() if g.startswith("augmentation")}
+    if not trained:
+        return "Goal A (oracle-teacher student AbsRel <= 0.05, lstsq, held-out scenes): no trained row."
+    best = min(trained, key=trained.get)
+    met = trained[best] <= GOAL_A
+    return (f"Goal A (oracle-teacher student AbsRel <= {GOAL_A}, lstsq, held-out scenes): best row '{best}' "
+            f"{trained[best]:.4f} (mean over seeds): {'met' if met else 'not met'}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"ground truth: seam ratio {gt['seam_ratio']:.3f} (side {gt['seam_ratio_side']:.3f}, cap "
         f"{gt['seam_ratio_cap']:.3f}), border/interior {gt['interior_ratio']:.3f}; control (exact disparity "
         f"x random scale per face): seam ratio {control['seam_ratio']:.3f}")
+    const = score(_evidence.constant_predictor, samples, pairs, device, keep_first=False)
+    scores["baseline: constant depth"] = const
+    log(f"baseline, constant depth: AbsRel {const['abs_rel']:.4f} (median protocol {const['abs_rel_median']:.4f})")
     for seed in args.seeds:
         torch.manual_seed(seed)  # the initial weights of the runs of this seed (session.py does the same)
         untrained = build_student(cfg.model)
@@ -466,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # aggregate over seeds
     groups: dict[str, list[str]] = {"ground truth": [], "control: ground truth x per-face scale": [],
+                                    "baseline: constant depth": ["baseline: constant depth"],
                                     "untrained": [k for k in scores if k.startswith("untrained")]}
     for augment in augments:
         for rotation in (False, True):
@@ -484,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 "face_scale_spread")}}
             continue
         rows[g] = {"n": len(names), **{k: mean_sd([scores[n][k] for n in names]) for k, _, _ in COLUMNS}}
-    md = table(rows)
+    md = table(rows) + "\n\n" + goal_a(rows)
 
     fig_dir = out.parent
     idx = min(args.figure_index, len(samples) - 1)
@@ -525,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     header = (f"Oracle teacher with per-face affine (+{args.noise:.0%} noise), no labels, {args.model} at "
               f"{args.height}x{2 * args.height}, {args.steps} steps, seeds {args.seeds}; {len(samples)} held-out "
-              f"scenes. Mean ± sd over seeds. Seam ratios: border jump / flanking jump {args.flank_offset} px away "
+              "scenes. AbsRel and δ1 under the reference protocol (lstsq), AbsRel median beside it. "
+              f"Mean ± sd over seeds. Seam ratios: border jump / flanking jump {args.flank_offset} px away "
               "(1 = no seam).")
     out.with_suffix(".md").write_text(header + "\n\n" + md + "\n")
     print("\n" + header + "\n\n" + md)
