@@ -9,6 +9,14 @@ Driver (``run_cluster``, the process ``ray job submit`` starts):
      CPU, NCCL on GPUs); Ray Train restarts a failed worker group up to ``cluster.max_failures`` times;
   5. tears everything down, whatever happened, and returns rank 0's summary.
 
+Placement, so that losing any worker node loses no run: workers go only on nodes that advertise
+``cluster.student_resources`` and replicas only on ``cluster.teacher_resources`` nodes; the job's singletons
+(Ray Train's controller, which Ray puts on the driver's node, and the teacher service, pinned here to the
+head) live on the head, where ``ray job submit`` runs the driver. A lost student node costs a worker-group
+restart from the last checkpoint; a lost teacher node costs replica restarts inside the service. When no
+node offers ``cluster.teacher_resources`` for ``PANO_DISTILL_TEACHER_WAIT_S`` seconds (default 300: time for
+an autoscaler to bring one back), the run stops with ``TeacherNodesLost`` instead of waiting forever.
+
 Worker: exactly the single-process assembly (``student.session.run_training_process``) with a
 ``DeepSpeedEngine`` instead of the local one; it is not a second loop. Every checkpoint is saved by all
 ranks (DeepSpeed) into the run folder and reported to Ray Train. The run folder must be on storage that
@@ -21,28 +29,30 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
+from sharding.cli import UserError, setup_logging
 from student.config import TrainConfig, from_dict, to_dict
 
 log = logging.getLogger("pano_distill.cluster")
 
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head advertises it (Ray's own singletons use it too)
+TEACHER_WAIT_ENV = "PANO_DISTILL_TEACHER_WAIT_S"
+
+
+class TeacherNodesLost(UserError):
+    """No node of the cluster offers the teacher resource any more, for longer than the allowed wait."""
+
 
 def _connect(cfg: TrainConfig) -> bool:
-    """Connect to Ray; True if we started a local instance (and so must shut it down)."""
-    import ray
+    """Connect to Ray (``sharding.ray_connect``); True if we started a local instance (we must shut it down)."""
+    from sharding.ray_connect import connect
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return False
     workers_cpu = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
     teacher_cpu = cfg.teacher.replicas * cfg.teacher.cpus_per_replica if cfg.teacher.mode == "ray" else 0
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-             num_cpus=max(2, int(workers_cpu + teacher_cpu + 1)), log_to_driver=True)
-    return True
+    return connect(cfg.cluster.address or None, num_cpus=max(2, int(workers_cpu + teacher_cpu + 1)))
 
 
 def _worker(config: dict) -> None:
@@ -55,11 +65,13 @@ def _worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = from_dict(config["cfg"])
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    setup_logging("INFO", fmt=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     run_dir = Path(cfg.run.out_dir).expanduser()
     (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    # where each rank runs now (fault drills and operators read these: pid to signal, node to drain)
     (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    (run_dir / "workers" / f"rank{rank}.node").write_text(ray.get_runtime_context().get_node_id())
     if rank == 0:
         _restore_from_ray_checkpoint(run_dir)
     if cfg.cluster.use_gpu:
@@ -114,16 +126,117 @@ def _restore_from_ray_checkpoint(run_dir: Path) -> None:
 
 
 def _teacher_service(cfg: TrainConfig):
-    """The shared teacher replicas, created once by the driver (teacher.mode=ray), behind one service."""
+    """The shared teacher replicas, created once by the driver (teacher.mode=ray), behind one service.
+
+    The service actor is pinned to the head node: it owns the replicas (they die with it), so on a worker
+    node its loss would take every replica down with it. The replicas themselves go on teacher nodes.
+    """
     if cfg.teacher.mode != "ray" or cfg.distill.pseudo_weight <= 0:
         return None
+    import ray
+
     from student.labels import pool_options, resolve_teacher
-    from teacher_server.service import ServiceClient, start_service
+    from teacher_server import service
 
     model, input_size, description = resolve_teacher(cfg.teacher)
-    handle = start_service(model, **pool_options(cfg.teacher, input_size, cfg.cluster.teacher_resources))
-    log.info("started %d shared teacher replica(s): %s", cfg.teacher.replicas, description)
-    return ServiceClient(handle)
+    kwargs = dict(pool_options(cfg.teacher, input_size, cfg.cluster.teacher_resources), model=model)
+    handle = service._service_class().options(resources={HEAD_RESOURCE: 0.001}).remote(kwargs)
+    try:
+        ray.get(handle.stats.remote())  # raises here if the replicas could not start
+    except Exception:
+        ray.kill(handle, no_restart=True)
+        raise
+    log.info("started %d shared teacher replica(s) on %s nodes: %s", cfg.teacher.replicas,
+             cfg.cluster.teacher_resources or "any", description)
+    return service.ServiceClient(handle)
+
+
+def teacher_wait_s(cfg: TrainConfig) -> float:
+    """How long a run waits for a node offering ``cluster.teacher_resources`` to (re)appear."""
+    value = getattr(cfg.cluster, "teacher_wait_s", None)  # a config field, where the configuration has one
+    if value is None:
+        raw = os.environ.get(TEACHER_WAIT_ENV, "300")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UserError(f"{TEACHER_WAIT_ENV}={raw!r} is not a number of seconds") from None
+    return float(value)
+
+
+class TeacherNodeWatch:
+    """Notices when no alive node of the cluster offers ``resource`` (the teacher nodes) for ``wait_s``.
+
+    Without it a run whose teacher nodes are all gone would hang: the lost replicas' replacements wait for
+    a node that can host them, and every worker waits for its pseudo labels.
+    """
+
+    def __init__(self, resource: str, wait_s: float, nodes=None):
+        if nodes is None:
+            import ray
+
+            nodes = ray.nodes  # the GCS's node table: [{"Alive": bool, "Resources": {...}, ...}]
+        self.resource, self.wait_s = resource, float(wait_s)
+        self._nodes = nodes
+        self._missing_since: float | None = None
+
+    def alive(self) -> int:
+        return sum(1 for n in self._nodes() if n.get("Alive") and n.get("Resources", {}).get(self.resource, 0) > 0)
+
+    def check(self, now: float | None = None) -> str | None:
+        """None while teacher nodes exist or the wait is not over; else the message of the failure."""
+        now = time.monotonic() if now is None else now
+        if self.alive() > 0:
+            if self._missing_since is not None:
+                log.info("a node offering %r is back", self.resource)
+            self._missing_since = None
+            return None
+        if self._missing_since is None:
+            self._missing_since = now
+            log.warning("no alive node offers the teacher resource %r: waiting up to %.0f s for one",
+                        self.resource, self.wait_s)
+        if now - self._missing_since < self.wait_s:
+            return None
+        return (f"no node of the Ray cluster has offered the teacher resource {self.resource!r} "
+                f"(cluster.teacher_resources) for {self.wait_s:.0f} s: every teacher node is gone, so no "
+                f"pseudo label can be computed. Add teacher nodes (or let the autoscaler add them) and run the "
+                f"same command again: it resumes from the last checkpoint. The wait is set by {TEACHER_WAIT_ENV}.")
+
+
+def _fit(trainer, watch: TeacherNodeWatch | None, poll_s: float = 1.0):
+    """``trainer.fit()``; with a watch, fit runs in a thread and a lost teacher tier raises here."""
+    if watch is None:
+        return trainer.fit()
+    done: dict = {}
+
+    def target():
+        try:
+            done["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            done["error"] = err
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=poll_s)
+        if thread.is_alive():
+            message = watch.check()
+            if message is not None:
+                log.error("%s", message)
+                raise TeacherNodesLost(message)
+    if "error" in done:
+        raise done["error"]
+    return done.get("result")
+
+
+def _check_driver_on_head() -> None:
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    head = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {})]
+    if head and me not in head:
+        log.warning("this driver runs on a worker node (%s), not on the head: Ray Train's controller follows "
+                    "the driver, so losing this node loses the run. Submit with `ray job submit` (cluster/submit.sh).",
+                    me)
 
 
 def run_cluster(cfg: TrainConfig) -> dict:
@@ -138,8 +251,12 @@ def run_cluster(cfg: TrainConfig) -> dict:
     started = _connect(cfg)
     pool = None
     try:
+        _check_driver_on_head()
         cfg = prepare_data(cfg)
         pool = _teacher_service(cfg)
+        watch = None
+        if pool is not None and cfg.cluster.teacher_resources:
+            watch = TeacherNodeWatch(cfg.cluster.teacher_resources, teacher_wait_s(cfg))
         run_dir = Path(cfg.run.out_dir).expanduser().resolve()
         cfg.run.out_dir = str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +276,7 @@ def run_cluster(cfg: TrainConfig) -> dict:
                                  checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.run.keep_checkpoints))))
         log.info("training on %d Ray Train worker(s) (DeepSpeed ZeRO-%d, %s)", cfg.cluster.num_workers,
                  cfg.cluster.zero_stage, "GPU" if cfg.cluster.use_gpu else "CPU/gloo")
-        trainer.fit()
+        _fit(trainer, watch)
         summary_file = run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         if pool is not None:
@@ -167,6 +284,9 @@ def run_cluster(cfg: TrainConfig) -> dict:
         return summary
     finally:
         if pool is not None:
-            pool.shutdown()
+            try:
+                pool.shutdown()
+            except Exception as err:  # noqa: BLE001 - teardown must go on (the service may be gone already)
+                log.warning("teacher service teardown: %s", err)
         if started:
             ray.shutdown()

@@ -212,3 +212,43 @@ def test_prometheus_scrapes_the_trainer_with_the_shipped_config(tmp_path):
     assert found, "Prometheus returned no panodistill_ series"
     assert {r["metric"]["job"] for r in found} == {"panodistill-trainer"}
     assert {r["metric"]["kind"] for r in found} == {"labeled", "unlabeled"}
+
+
+def test_student_train_finds_the_ray_launcher_through_its_entry_point():
+    # student must not import cluster (tests/test_layers.py): it looks the launcher up by entry point
+    from importlib.metadata import distributions
+
+    from cluster.launch import run_cluster
+
+    found = [ep for d in distributions() for ep in d.entry_points
+             if ep.group == "pano_distill.launchers" and ep.name == "ray"]
+    assert found, "pyproject's pano_distill.launchers entry point is not installed (pip install -e .)"
+    assert found[0].load() is run_cluster
+
+
+def test_teacher_node_watch_waits_for_a_teacher_node_then_fails_clearly():
+    from cluster.launch import TeacherNodeWatch
+
+    nodes = [{"Alive": True, "Resources": {"teacher_node": 2.0, "CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 1.0}}]
+    watch = TeacherNodeWatch("teacher_node", 30, nodes=lambda: nodes)
+    assert watch.check(now=0.0) is None and watch.alive() == 1
+    nodes[0]["Alive"] = False  # the only teacher node dies
+    assert watch.check(now=100.0) is None and watch.check(now=129.0) is None  # within the wait
+    nodes[0]["Alive"] = True  # ... and comes back: the clock restarts
+    assert watch.check(now=131.0) is None
+    nodes[0]["Alive"] = False
+    assert watch.check(now=200.0) is None and watch.check(now=229.0) is None
+    message = watch.check(now=230.5)
+    assert message is not None and "'teacher_node'" in message and "30 s" in message
+
+
+def test_teacher_wait_comes_from_the_environment(monkeypatch):
+    from cluster.launch import TEACHER_WAIT_ENV, teacher_wait_s
+    from sharding.cli import UserError
+    from student.config import TrainConfig
+
+    monkeypatch.setenv(TEACHER_WAIT_ENV, "12.5")
+    assert teacher_wait_s(TrainConfig()) == 12.5
+    monkeypatch.setenv(TEACHER_WAIT_ENV, "soon")
+    with pytest.raises(UserError, match=TEACHER_WAIT_ENV):
+        teacher_wait_s(TrainConfig())
