@@ -41,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from sharding import cli
+from sharding.cli import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -169,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n < 1:
-            print("error: --gpu needs a GPU", file=sys.stderr)
-            return 2
+            raise UserError("--gpu needs a GPU, and torch sees none here")
         if n < 2:  # two workers share the one card: each gets half of it
             args.set = list(args.set) + ["cluster.gpus_per_worker=0.5"]
             print("note: one GPU visible: the 2-worker runs share it (cluster.gpus_per_worker=0.5), so the ratio "
@@ -247,4 +249,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))
