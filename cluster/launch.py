@@ -196,10 +196,20 @@ class TeacherNodeWatch:
                         self.resource, self.wait_s)
         if now - self._missing_since < self.wait_s:
             return None
+        return self.message(now - self._missing_since)
+
+    def message(self, waited_s: float) -> str:
         return (f"no node of the Ray cluster has offered the teacher resource {self.resource!r} "
-                f"(cluster.teacher_resources) for {self.wait_s:.0f} s: every teacher node is gone, so no "
+                f"(cluster.teacher_resources) for {waited_s:.0f} s: every teacher node is gone, so no "
                 f"pseudo label can be computed. Add teacher nodes (or let the autoscaler add them) and run the "
                 f"same command again: it resumes from the last checkpoint. The wait is set by {TEACHER_WAIT_ENV}.")
+
+    def lost(self) -> str | None:
+        """The failure's message if no teacher node is alive right now (whatever the wait), else None."""
+        if self.alive() > 0:
+            return None
+        since = self._missing_since
+        return self.message(0.0 if since is None else time.monotonic() - since)
 
 
 def _fit(trainer, watch: TeacherNodeWatch | None, poll_s: float = 1.0):
@@ -224,6 +234,12 @@ def _fit(trainer, watch: TeacherNodeWatch | None, poll_s: float = 1.0):
                 log.error("%s", message)
                 raise TeacherNodesLost(message)
     if "error" in done:
+        # the teacher pool may give up (its replicas cannot restart) and the workers fail before the wait is
+        # over: with no teacher node left, that is the same failure, and the same message says so
+        message = watch.lost()
+        if message is not None:
+            log.error("%s", message)
+            raise TeacherNodesLost(message) from done["error"]
         raise done["error"]
     return done.get("result")
 

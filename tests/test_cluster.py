@@ -240,6 +240,9 @@ def test_teacher_node_watch_waits_for_a_teacher_node_then_fails_clearly():
     assert watch.check(now=200.0) is None and watch.check(now=229.0) is None
     message = watch.check(now=230.5)
     assert message is not None and "'teacher_node'" in message and "30 s" in message
+    assert watch.lost() is not None  # no teacher node: a failed run is reported as this loss
+    nodes.append({"Alive": True, "Resources": {"teacher_node": 1.0}})
+    assert watch.lost() is None and watch.check(now=231.0) is None
 
 
 def test_teacher_wait_comes_from_the_environment(monkeypatch):
