@@ -197,3 +197,14 @@ def test_a_different_worker_count_or_model_is_refused_unless_allowed(tmp_path, c
     assert json.loads((run / "checkpoints" / "step_0000004" / "loop.json").read_text())["step"] == 4
     assert cli.run(main, ["--config", TINY, f"run.out_dir={run}", "optim.steps=6", "model.name=rectnet_tiny", *FAST]) == 2
     assert "holds a checkpoint of model" in capsys.readouterr().err
+
+
+def test_a_store_header_mismatch_is_one_named_line(tmp_path, capsys):
+    from teacher_server.store import PseudoLabelStore, make_header
+
+    store = tmp_path / "pseudo.lmdb"
+    PseudoLabelStore(store, header=make_header(model="tiny-random", face_size=16, input_size=56, seed=0,
+                                               rotations=1, max_deg=45.0)).close()
+    assert cli.run(main, ["--config", TINY, f"run.out_dir={tmp_path / 'r'}", "teacher.mode=cached",
+                          f"teacher.store={store}", *FAST]) == 2  # the run's faces are 32 px
+    _one_line_error(capsys, str(store), "face_size")
