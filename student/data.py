@@ -116,16 +116,10 @@ def build_train_stream(cfg: TrainConfig, rank: int, world_size: int, position: d
                          height=d.height, rank=rank, world_size=world_size, seed=cfg.run.seed, shuffle=d.shuffle,
                          mask_store=d.mask_store or None, split=_split(d.labeled, d.labeled_split),
                          unlabeled_split=_split(d.unlabeled, d.unlabeled_split),
-                         pin_memory=torch.cuda.is_available(), **_pipe(d.allow_pipe))
+                         pin_memory=torch.cuda.is_available(), allow_pipe=d.allow_pipe)
     if position:
         loader.load_state_dict(position)
     return BatchStream(loader)
-
-
-def _pipe(allow_pipe: bool) -> dict:
-    """``allow_pipe=`` for the sharding functions that resolve and open shard addresses (only when set, so
-    that a sharding without the keyword still serves the default)."""
-    return {"allow_pipe": True} if allow_pipe else {}
 
 
 def _split(urls: list[str], wanted: str = "", prefer: tuple[str, ...] = ("train",)) -> str | None:
@@ -161,7 +155,7 @@ def val_evaluator(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype
     def samples():
         return read_samples(cfg.data.val, height=cfg.data.height,
                             split=_split(cfg.data.val, cfg.data.val_split, ("val", "test")), labeled=True,
-                            **_pipe(cfg.data.allow_pipe))
+                            allow_pipe=cfg.data.allow_pipe)
 
     def evaluate(model: torch.nn.Module) -> dict:
         report = evaluate_predictor(student_predictor(model, amp_dtype), samples(), device=device, protocol=e.protocol,

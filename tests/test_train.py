@@ -208,3 +208,10 @@ def test_a_store_header_mismatch_is_one_named_line(tmp_path, capsys):
     assert cli.run(main, ["--config", TINY, f"run.out_dir={tmp_path / 'r'}", "teacher.mode=cached",
                           f"teacher.store={store}", *FAST]) == 2  # the run's faces are 32 px
     _one_line_error(capsys, str(store), "face_size")
+
+
+def test_pipe_addresses_need_data_allow_pipe(tmp_path, capsys):
+    args = ["--config", TINY, f"run.out_dir={tmp_path / 'r'}", "data.source=shards", "teacher.mode=none",
+            f"data.labeled=['pipe:cat {tmp_path}/x.tar']", *FAST]
+    assert cli.run(main, args) == 2
+    _one_line_error(capsys, "pipe:", "data.allow_pipe")
