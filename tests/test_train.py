@@ -215,3 +215,27 @@ def test_pipe_addresses_need_data_allow_pipe(tmp_path, capsys):
             f"data.labeled=['pipe:cat {tmp_path}/x.tar']", *FAST]
     assert cli.run(main, args) == 2
     _one_line_error(capsys, "pipe:", "data.allow_pipe")
+
+
+def test_two_identical_runs_on_one_folder_one_is_refused(tmp_path):
+    """The reported case: two `python -m student.train` on one out_dir. One trains, the other exits 2 naming
+    the first's pid, and metrics.jsonl holds each step once."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "student.train", "--config", TINY, f"run.out_dir={run}", "optim.steps=2",
+           "run.log_every=1", *FAST]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = run / ".lock"
+        for _ in range(600):  # until the first holds the folder
+            if lock.is_file() and lock.read_text().strip() == str(first.pid):
+                break
+            assert first.poll() is None, first.communicate()
+            __import__("time").sleep(0.1)
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
+        assert first.wait(timeout=600) == 0, first.communicate()
+    finally:
+        first.kill()
+        first.communicate()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
