@@ -13,7 +13,6 @@ import torch
 import yaml
 
 from sharding.cli import UserError
-from sharding.device import resolve_device  # noqa: F401 - the one resolver; re-exported for older callers
 from student.checkpoint import load_model_state
 from student.config import ConfigError, ModelConfig, TrainConfig, from_dict
 
