@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     teacher = get_teacher(work, s, args)
     data = build_data(work, s)
-    stores = precompute_stores(work, data, teacher, s)
+    student_stages = [st for st in stages if stage_rows(st, s)]
+    stores = precompute_stores(work, data, teacher, s) if student_stages else {}
     for stage in stages:
         for row, opts, seeds in stage_rows(stage, s):
             for seed in seeds:
