@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = get_teacher(work, s, args)
     data = build_data(work, s)
     student_stages = [st for st in stages if stage_rows(st, s)]
-    stores = precompute_stores(work, data, teacher, s) if student_stages else {}
+    stores = precompute_stores(work, data, teacher, s) if student_stages or "data" in stages else {}
     for stage in stages:
         for row, opts, seeds in stage_rows(stage, s):
             for seed in seeds:
