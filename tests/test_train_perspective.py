@@ -15,7 +15,8 @@ from student.perspective_teacher.train import (ARCHS, arch_multiple, build_model
                                                    evaluate_disparity, predict, train_loop, train_teacher)
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "teacher_server" / "weights" / "pano-distill-perspective-v1"
+WEIGHTS_DIR = ROOT / "teacher_server" / "weights"
+COMMITTED = [WEIGHTS_DIR / "pano-distill-perspective-v1", WEIGHTS_DIR / "pano-distill-perspective-v2"]
 
 
 @pytest.fixture(autouse=True)
@@ -113,8 +114,10 @@ def test_loss_decreases_on_a_fixed_small_set():
     assert after < 0.9 * before, (before, after)
 
 
-@pytest.mark.skipif(not (WEIGHTS / "config.json").is_file(), reason="committed teacher checkpoint not present")
-def test_committed_checkpoint_beats_trivial_baselines(offline):
+@pytest.mark.parametrize("WEIGHTS", COMMITTED, ids=lambda p: p.name)
+def test_committed_checkpoint_beats_trivial_baselines(offline, WEIGHTS):
+    if not (WEIGHTS / "pano_distill.json").is_file():
+        pytest.skip(f"committed teacher checkpoint {WEIGHTS.name} not present")
     from transformers import AutoConfig, AutoModelForDepthEstimation
 
     meta = json.loads((WEIGHTS / "pano_distill.json").read_text())
