@@ -106,8 +106,8 @@ def main(argv=None) -> int:
             if a in med and b in med:
                 ratios[f"{a}/{b}"] = med[a] / med[b]
                 per_round = [x / y for x, y in zip(runs[a], runs[b])]
-                print(f"{a} / {b} = {med[a] / med[b]:.2f} (per round: " + ", ".join(f"{v:.2f}" for v in per_round)
-                      + ")")
+                print(f"{a} / {b} = {med[a] / med[b]:.2f} (ratio of medians; median of per-round ratios "
+                      f"{statistics.median(per_round):.2f}; per round: " + ", ".join(f"{v:.2f}" for v in per_round) + ")")
         load = os.getloadavg()
         print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min) at the end")
         result = {"args": vars(args), "panoramas": len(keys), "rounds_panoramas_per_s": runs,

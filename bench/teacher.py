@@ -277,7 +277,8 @@ def main(argv=None) -> int:
         print("median latency of one request alone: "
               + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result["latency_s"].items()))
         per_round = [a / b for a, b in zip(runs[f"serve {nserve}"], runs[lat_modes[1]])]
-        print(f"serve {nserve} / pool {nserve} faces/s = {med[f'serve {nserve}'] / med[lat_modes[1]]:.2f} (per round: "
+        print(f"serve {nserve} / pool {nserve} faces/s = {med[f'serve {nserve}'] / med[lat_modes[1]]:.2f} (ratio of "
+              f"medians; median of per-round ratios {statistics.median(per_round):.2f}; per round: "
               + ", ".join(f"{v:.2f}" for v in per_round) + ")")
         window = nserve * args.max_inflight
         drills = {
