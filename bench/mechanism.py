@@ -40,7 +40,7 @@ metric:
   (a side face against U or D).
 * **error seam ratio**: the same on ``e = d_pred - d_gt`` (both median-normalised): the part of the jump
   that the ground truth does not have. ~1 for an error that is smooth across borders.
-* **interior ratio**: the brief's first idea, mean border jump / mean jump over *all* same-face pairs; it
+* **interior ratio**: the first idea we tried, mean border jump / mean jump over *all* same-face pairs; it
   also depends on where the borders lie (their latitudes), hence the ground-truth row.
 * **face scale spread**: per image, r_k = median(d_gt / d_pred) over the valid pixels of unrotated face k;
   the standard deviation of log r_k over the six faces, averaged over images. 0 when the faces agree in
