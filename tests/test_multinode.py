@@ -37,7 +37,7 @@ MB = 1 << 20
 TEACHER_WAIT_S = 15
 STEPS, CKPT_EVERY = 60, 10
 
-pytestmark = pytest.mark.slow  # about 5 minutes on 2 busy cores; CI runs `pytest -m slow tests/test_multinode.py`
+pytestmark = pytest.mark.slow  # about 3 minutes on 2 busy cores; CI runs `pytest -m slow tests/test_multinode.py`
 
 
 def _free_port() -> int:
