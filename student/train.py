@@ -103,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.cluster.num_workers >= 1 or under_ray_job():
             # The launcher is found through an entry point, not imported: student sits below cluster
             # (pyproject: [project.entry-points."pano_distill.launchers"] ray = "cluster.launch:run_cluster").
-            from importlib.metadata import entry_points
+            from importlib.metadata import distributions
 
-            found = entry_points(group="pano_distill.launchers", name="ray")
+            # every distribution, not entry_points()'s first one per name: a stale pano_distill.egg-info in
+            # the current folder (an old build) would otherwise hide the installed project's entry points
+            found = [ep for dist in distributions() for ep in dist.entry_points
+                     if ep.group == "pano_distill.launchers" and ep.name == "ray"]
             if not found:
                 raise UserError("cluster mode (cluster.num_workers >= 1 or a Ray job) needs the launcher registered "
                                 "as entry point 'ray' in group 'pano_distill.launchers', and none is installed: "
                                 "reinstall the project (pip install -e .), which registers cluster.launch:run_cluster")
-            summary = next(iter(found)).load()(cfg)
+            summary = found[0].load()(cfg)
         else:
             from student.session import run_training_process
 
