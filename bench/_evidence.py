@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+MAX_DEPTH = 10.0
 # Two-sided 95% quantiles of Student's t for df = 1..30 (beyond: the normal 1.96 is within 2%).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -73,7 +74,7 @@ def face_fitted_scores(face_answers: Callable[[torch.Tensor], torch.Tensor], man
 
     ``face_answers(faces (6, 3, F, F) RGB) -> (6, F * F)`` relative planar disparity. Each face's answer is
     fitted to the ground truth's planar disparity on that face (least-squares scale and shift over its
-    valid pixels), then the six faces are merged back to the sphere. A perspective teacher answers each face
+    valid pixels), then the six faces are merged back to the sphere, with disparity floored at 1 / 10 m. A perspective teacher answers each face
     in its own affine frame; this per-face fit removes those frames and measures what the answers know (an
     upper bound, not a deployable predictor). Applied to ``constant_distance_faces`` it is the matching
     content-free baseline: what the fit alone achieves.
@@ -99,9 +100,11 @@ def face_fitted_scores(face_answers: Callable[[torch.Tensor], torch.Tensor], man
             s_, t_ = fit_scale_shift(t[i][ok[i]], g[i][ok[i]])
             fitted[i] = float(s_) * t[i] + float(t_)
         disp = planar_faces_to_equirect(fitted.reshape(1, 6, 1, f, f), h, w, quantity="disparity")
-        pred = disparity_to_depth(disp.clamp_min(1e-6))
+        # a fitted face can reach zero or negative disparity at its far side: floor it at 1 / max depth (10 m),
+        # so that both protocols see a bounded depth (the median one has no clamp of its own)
+        pred = disparity_to_depth(disp.clamp_min(1.0 / MAX_DEPTH))
         for p, acc in accs.items():
-            acc.update(per_image_metrics(pred, depth, valid, 10.0, p, 0))
+            acc.update(per_image_metrics(pred, depth, valid, MAX_DEPTH, p, 0))
     return {p: acc.result() for p, acc in accs.items()} | {"images": accs[protocol].images}
 
 
