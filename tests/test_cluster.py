@@ -97,7 +97,7 @@ def test_ray_job_submit_trains_checkpoints_evaluates_and_exports_metrics(ray_hea
         text = _scrape(mport)
         if text:
             seen.append(_counter(text, "panodistill_panoramas_total", worker="0", kind="labeled"))
-            assert "panodistill_wait_fraction" in text and "panodistill_mfu" in text
+            assert "panodistill_wait_seconds_total" in text and "panodistill_mfu_ratio" in text
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
         time.sleep(0.5)
