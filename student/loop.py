@@ -3,7 +3,8 @@
 It knows four collaborators and nothing of how they are made:
 
 * an **engine** (``student.engine.LocalEngine`` or ``cluster.deepspeed_engine.DeepSpeedEngine``):
-  ``module``, ``backward_and_step(loss)``, ``skip()``, ``save(folder, name, state)``;
+  ``module``, ``all_finite(tensor)`` (agreed by every rank), ``backward_and_step(loss)`` (returns the
+  gradient norm), ``skip()``, ``save(folder, name, state)``;
 * a **batch stream** (``student.data.BatchStream``): mixed half/half batches, with ``position()`` for
   checkpoints and ``skipped()`` counts of bad samples;
 * a **label source** (``teacher_server``): ``request(unlabeled, rotations, face_size)``, asked
@@ -216,7 +217,7 @@ class Trainer:
             was_training = module.training
             module.eval()
             with torch.no_grad():
-                pred = module(self._probe)
+                pred = module(self._probe.to(next(module.parameters()).dtype))
             module.train(was_training)
             bad = None if bool(torch.isfinite(pred).all()) else "its prediction on the last batch"
         flag = torch.zeros((), device=self.device) if bad is None else torch.full((), math.nan, device=self.device)
