@@ -13,6 +13,12 @@ submitted as a Ray job with 2 DeepSpeed workers (``cluster.student_resources``) 
 * in a second run, every teacher node: the run stops with a clear error after a bounded wait (the job
   sets ``PANO_DISTILL_TEACHER_WAIT_S``), instead of hanging.
 
+``ray job submit`` works here on loopback, with two adjustments for several raylets on one machine: the
+head's temp dir gets the ``ray_current_cluster`` file that ``ray start --head`` would write (the job's driver
+finds its cluster through it), and the job carries no ``working_dir`` (the nodes share one session folder,
+and each node's runtime-env agent deletes the unpacked package when its own last user goes); the code is
+installed on every node, as ``cluster/runtime_env.yaml`` assumes of a real cluster.
+
 Nodes are removed without a graceful shutdown (their processes are killed, as a crashed machine's would
 be); the head's health check is shortened so that Ray declares them dead within seconds. The cluster is
 small (1-2 CPUs and 100 MB of object store per node) and always shut down by the fixture.
