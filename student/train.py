@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             from student.session import run_training_process
 
             summary = run_training_process(cfg)
-    except cli.UserError as err:  # (main imports UserError locally in the cluster branch)
+    except UserError as err:
         _log_to_file(err)
         raise
     finally:
