@@ -114,7 +114,9 @@ def cluster():
                "dashboard": f"http://{c.webui_url}"}
     finally:
         c.shutdown()
-        if not os.environ.get("PD_KEEP"): shutil.rmtree(temp_dir, ignore_errors=True)
+        for _ in range(3):  # processes that are still exiting may write a last log line into it
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            time.sleep(1)
 
 
 class Job:
