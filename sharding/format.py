@@ -53,6 +53,7 @@ REASONS = {
     "truncated_shard": "a shard ended early or is corrupt; the samples after the damage are lost",
     "corrupt_shard": "a shard's bytes differ from the sha256 in manifest.json; the whole shard is skipped",
     "rejected_by_mask_store": "the mask store rejected this panorama (too few valid pixels)",
+    "corrupt_mask_entry": "the panorama's entry in the mask store failed its checksum; the panorama is skipped",
 }
 
 

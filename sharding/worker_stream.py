@@ -8,7 +8,8 @@ order, then again in a new seeded order if it runs short, so a few samples repea
 hanging; resampled mode: shards drawn with replacement, forever), passes them through a shuffle buffer of
 ``shuffle`` raw samples seeded by ``(seed, epoch, rank, worker)`` (webdataset's ``shuffle`` stage), checks
 them cheaply (members present, mask-store rejection), decodes them (``sharding.format.decode_sample``) and
-ANDs the mask store's mask into ``valid``. ``consumed`` counts raw samples taken from the buffer, so that a
+ANDs the mask store's mask into ``valid`` (a mask-store entry that fails its checksum skips the panorama,
+counted as ``corrupt_mask_entry``: training it unmasked would put sky and watermark into the loss). ``consumed`` counts raw samples taken from the buffer, so that a
 resumed worker skips exactly what it had delivered without decoding it (``skip_raw``), or, without saved
 counts, replays only the cheap checks (``skip_valid``).
 
@@ -149,6 +150,15 @@ class WorkerStream:
                     sample = decode_sample(raw, height=spec.height, labeled=spec.labeled, bgr=True)
                 except SampleError as exc:
                     reason, detail = exc.reason, exc.detail
+            if sample is not None and self.store is not None:
+                m = self.store.get(key)
+                if m is not None:
+                    h, w = sample["valid"].shape
+                    sample["valid"] &= resize_nearest(np.asarray(m, dtype=bool), h, w)
+                elif key in self.store.corrupt_keys:
+                    # never train on a panorama whose sky/watermark mask failed its checksum: the loss would
+                    # see exactly the pixels the mask exists to hide
+                    sample, reason, detail = None, "corrupt_mask_entry", self.store.corrupt_keys[key]
             if sample is None:
                 self.skips(reason, f"{key} in {raw['__url__']}", detail)
                 misses += 1
@@ -158,11 +168,6 @@ class WorkerStream:
                                        f"(labeled={spec.labeled})?")
                 continue
             misses = 0
-            if self.store is not None:
-                m = self.store.get(key)
-                if m is not None:
-                    h, w = sample["valid"].shape
-                    sample["valid"] &= resize_nearest(np.asarray(m, dtype=bool), h, w)
             yield sample
 
     def skip_raw(self, n: int) -> None:

@@ -308,6 +308,28 @@ def test_mask_store_masks_and_rejections(tmp_path):
     assert not v[:, H:].any() and v[1:, :H].all() and not v[0, :3].any()  # store mask AND depth > 0
 
 
+def test_a_corrupt_mask_store_entry_skips_its_panorama_and_is_counted(tmp_path, caplog):
+    # a mask whose checksum fails must not silently become "no mask": sky would enter the loss
+    mask_store = pytest.importorskip("sharding.mask_store")
+    from test_mask_store import flip_value_byte
+
+    d, keys = _dataset(tmp_path / "ds", [2, 2], "c", labeled=True)
+    store = mask_store.MaskStore(tmp_path / "masks.lmdb")
+    rng = np.random.default_rng(0)
+    for k in keys:
+        store.put(k, rng.random((H, 2 * H)) < 0.9)
+    store.close()
+    flip_value_byte(tmp_path / "masks.lmdb", b"c1_0", b"masks")
+    with caplog.at_level(logging.WARNING):
+        loader = make_loader(d, batch_size=1, num_workers=0, height=H, shuffle=0,
+                             mask_store=str(tmp_path / "masks.lmdb"))
+        got = [b["key"][0] for b in loader]
+    assert "c1_0" not in got and set(got) == set(keys) - {"c1_0"}  # the epoch keeps its length (plan)
+    skipped = loader.skipped()  # counted each time the refill of the fixed-length epoch meets it again
+    assert set(skipped) == {"corrupt_mask_entry"} and skipped["corrupt_mask_entry"] >= 1
+    assert "skipped c1_0 in" in caplog.text and "corrupt_mask_entry" in caplog.text
+
+
 # ----------------------------------------------------------------------------- other modes
 
 def test_resampled_mode_has_an_explicit_epoch_length_and_is_seeded(tmp_path):
