@@ -21,16 +21,25 @@ from typing import Any
 def connect(address: str | None = None, *, num_cpus: int | None = None,
             object_store_memory: int | None = None, **init_kwargs: Any) -> bool:
     """Connect this process to Ray (see the module docstring); True if a local Ray was started here."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    local = not address or address == "local"
+    if local:
+        # Before `import ray`: Ray reads this variable into a module constant at import time, and a Ray
+        # started while that constant is on listens on every interface (measured: gcs_server, raylet and the
+        # agents on :: and 0.0.0.0). Set only for a local Ray: a driver joining a real cluster must find its
+        # node's own address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
+    if not local:
         ray.init(address=address, log_to_driver=True, **init_kwargs)
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False  # ray imported before us: the constant missed the variable
     kwargs: dict[str, Any] = {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
                               "log_to_driver": True}
     if num_cpus is not None:
