@@ -133,19 +133,12 @@ def _teacher_service(cfg: TrainConfig):
     """
     if cfg.teacher.mode != "ray" or cfg.distill.pseudo_weight <= 0:
         return None
-    import ray
-
     from student.labels import pool_options, resolve_teacher
     from teacher_server import service
 
     model, input_size, description = resolve_teacher(cfg.teacher)
-    kwargs = dict(pool_options(cfg.teacher, input_size, cfg.cluster.teacher_resources), model=model)
-    handle = service._service_class().options(resources={HEAD_RESOURCE: 0.001}).remote(kwargs)
-    try:
-        ray.get(handle.stats.remote())  # raises here if the replicas could not start
-    except Exception:
-        ray.kill(handle, no_restart=True)
-        raise
+    handle = service.start_service(model, actor_options={"resources": {HEAD_RESOURCE: 0.001}},
+                                   **pool_options(cfg.teacher, input_size, cfg.cluster.teacher_resources))
     log.info("started %d shared teacher replica(s) on %s nodes: %s", cfg.teacher.replicas,
              cfg.cluster.teacher_resources or "any", description)
     return service.ServiceClient(handle)

@@ -43,12 +43,19 @@ def _service_class():
     return TeacherService
 
 
-def start_service(model: str, **pool_kwargs):
-    """Start the shared pool's actor (from the driver); returns its handle once the replicas are up."""
+def start_service(model: str, *, actor_options: dict | None = None, **pool_kwargs):
+    """Start the shared pool's actor (from the driver); returns its handle once the replicas are up.
+
+    ``actor_options`` go to ``.options()`` of the service actor (e.g. a resource that pins it to the head
+    node). If the replicas cannot start, the actor is killed and the error raised here."""
     import ray
 
-    handle = _service_class().remote(dict(pool_kwargs, model=model))
-    ray.get(handle.stats.remote())  # raises here if the replicas could not start
+    handle = _service_class().options(**(actor_options or {})).remote(dict(pool_kwargs, model=model))
+    try:
+        ray.get(handle.stats.remote())  # raises here if the replicas could not start
+    except Exception:
+        ray.kill(handle, no_restart=True)
+        raise
     return handle
 
 
