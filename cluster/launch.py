@@ -237,6 +237,32 @@ def _fit(trainer, watch: TeacherNodeWatch | None, poll_s: float = 1.0):
     return done.get("result")
 
 
+def _plain_init(cls: type) -> bool:
+    """True if ``cls(message)`` builds an instance (so the worker's error type can be kept)."""
+    try:
+        cls("x")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def user_error_behind(err: BaseException | None) -> UserError | None:
+    """The worker's own ``UserError`` (a diverged model, a refused resume, a bad manifest) behind Ray's
+    wrappers: Ray Train raises ``TrainingFailedError`` from a ``RayTaskError`` whose ``cause`` is the
+    original exception. None when the failure is something else (a bug keeps its traceback)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None)
+        if isinstance(inner, BaseException):  # RayTaskError: look at what the worker raised
+            err = inner
+            continue
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _check_driver_on_head() -> None:
     import ray
 
@@ -285,7 +311,14 @@ def run_cluster(cfg: TrainConfig) -> dict:
                                  checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.run.keep_checkpoints))))
         log.info("training on %d Ray Train worker(s) (DeepSpeed ZeRO-%d, %s)", cfg.cluster.num_workers,
                  cfg.cluster.zero_stage, "GPU" if cfg.cluster.use_gpu else "CPU/gloo")
-        _fit(trainer, watch)
+        try:
+            _fit(trainer, watch)
+        except Exception as err:
+            user = None if isinstance(err, UserError) else user_error_behind(err)
+            if user is None:
+                raise
+            # one line, exit 2, as in a single process: the worker's message, not Ray's wrapped traceback
+            raise type(user)(str(user)) if _plain_init(type(user)) else UserError(str(user)) from err
         summary_file = run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         if pool is not None:

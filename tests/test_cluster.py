@@ -255,3 +255,27 @@ def test_teacher_wait_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(TEACHER_WAIT_ENV, "soon")
     with pytest.raises(UserError, match=TEACHER_WAIT_ENV):
         teacher_wait_s(TrainConfig())
+
+
+def test_a_workers_user_error_is_found_behind_rays_wrappers():
+    # a worker's DivergedError reaches the driver as TrainingFailedError <- RayTaskError(cause=...): the
+    # driver must still report it as the one-line user error it is, not as Ray's traceback
+    from ray.exceptions import RayTaskError
+    from ray.train.base_trainer import TrainingFailedError
+
+    from cluster.launch import user_error_behind
+    from sharding.cli import UserError
+    from student.loop import DivergedError
+
+    original = DivergedError("step 7: parameter encoder.conv1.weight is not finite; latest stays step 5")
+    wrapped = RayTaskError("train_fn", "Traceback ...", original).as_instanceof_cause()
+    try:
+        try:
+            raise wrapped
+        except RayTaskError as inner:
+            raise TrainingFailedError("Training failed") from inner
+    except TrainingFailedError as err:
+        found = user_error_behind(err)
+    assert found is original and isinstance(found, UserError)
+    assert user_error_behind(TrainingFailedError("bug")) is None
+    assert user_error_behind(RuntimeError("x")) is None
