@@ -13,16 +13,15 @@ would teach the student a cube-shaped distortion.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from .projection import cube_to_equirect, equirect_directions, equirect_to_cube, pinhole_directions
+from .projection import cached_grid, cube_to_equirect, equirect_directions, equirect_to_cube, pinhole_directions
 
 _QUANTITIES = ("depth", "disparity")
 
 
-@functools.lru_cache(maxsize=16)
+@cached_grid
 def _ray_scale_cached(face_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return pinhole_directions(face_size, face_size, 90.0, dtype=torch.float64).norm(dim=-1).to(device, dtype)
 

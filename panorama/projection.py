@@ -49,6 +49,21 @@ FACE_ROTATIONS = torch.tensor(
 _MODES = ("bilinear", "nearest")
 
 
+def cached_grid(fn):
+    """``functools.lru_cache`` for the constant grids of a size and device, built outside inference mode.
+
+    A tensor made under ``torch.inference_mode()`` (an evaluation, a preview) can never join autograd again;
+    cached, it would break every later training step that meets the same size. Building the grid with
+    inference mode switched off makes it an ordinary constant that both modes can use."""
+    @functools.lru_cache(maxsize=16)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _check_mode(mode: str) -> None:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -68,7 +83,7 @@ def pinhole_directions(height: int, width: int, fov_deg: float = 90.0, *, device
     return torch.stack([aa, bb, torch.ones_like(aa)], dim=-1).to(dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_grid
 def _face_directions_cached(face_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     rays = pinhole_directions(face_size, face_size, 90.0, dtype=torch.float64)
     dirs = torch.einsum("kij,hwj->khwi", FACE_ROTATIONS.to(torch.float64), rays)
@@ -82,7 +97,7 @@ def face_directions(face_size: int, *, device=None, dtype=torch.float32) -> torc
     return _face_directions_cached(int(face_size), torch.device(device or "cpu"), dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_grid
 def _equirect_directions_cached(height: int, width: int, device: torch.device, dtype: torch.dtype):
     j = torch.arange(width, dtype=torch.float64)
     i = torch.arange(height, dtype=torch.float64)
@@ -117,7 +132,7 @@ def _check_equirect(equi: torch.Tensor, name: str = "equi") -> None:
         raise ValueError(f"{name} must be an equirectangular 2:1 image (W == 2H), got H={h}, W={w}")
 
 
-@functools.lru_cache(maxsize=16)
+@cached_grid
 def _face_ray_planes(face_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(3, 6*F*F) unrotated face rays, one contiguous plane per component."""
     rays = face_directions(face_size, dtype=torch.float64).reshape(-1, 3).t()
@@ -219,7 +234,7 @@ def _sample_equirect(img: torch.Tensor, grid: torch.Tensor, mode: str,
     return out.to(img.dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_grid
 def _identity_cube_grid_and_boundary(face_size: int, height: int, width: int, device: torch.device):
     eye = torch.eye(3, dtype=torch.float64, device=device).unsqueeze(0)
     grid = _cube_sampling_grid(eye, face_size).float()  # computed in float64, then rounded once
@@ -274,7 +289,7 @@ def cube_to_equirect(faces: torch.Tensor, height: int, width: int, rotation: tor
     return out.reshape(b, c, height, width).to(faces.dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_grid
 def _equirect_ray_planes(height: int, width: int, device: torch.device) -> torch.Tensor:
     """(3, H*W) equirect pixel rays (float32), one contiguous plane per component."""
     return equirect_directions(height, width, device=device).reshape(-1, 3).t().contiguous()
@@ -299,7 +314,7 @@ def _equirect_sampling_grid(rot: torch.Tensor | None, face_size: int, height: in
     return torch.stack([gx, gy], dim=1)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_grid
 def _identity_equirect_grid(face_size: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     return _equirect_sampling_grid(None, face_size, height, width, device)
 

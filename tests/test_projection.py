@@ -171,3 +171,17 @@ def test_layout_of_the_input_does_not_change_the_result():
     xg = x.clone().requires_grad_(True)
     equirect_to_cube(xg, 9, rotation=rots.clone().requires_grad_(True)).sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_a_grid_first_built_under_inference_mode_still_serves_training():
+    # an evaluation or preview under inference_mode must not poison the cached grids of later training steps
+    from panorama.projection import cube_to_equirect, equirect_to_cube
+
+    size, h = 7, 11  # sizes no other test uses, so this test builds the grids first
+    with torch.inference_mode():
+        equirect_to_cube(torch.rand(1, 1, h, 2 * h), size)
+        cube_to_equirect(torch.rand(1, 6, 1, size, size), h, 2 * h)
+    x = torch.rand(1, 1, h, 2 * h, requires_grad=True)
+    y = cube_to_equirect(equirect_to_cube(x, size), h, 2 * h)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
