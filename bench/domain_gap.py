@@ -21,7 +21,7 @@ each, cumulatively:
 3. **+ adversarial**: ``adversarial.pretrain_steps=STEPS/2``: the second half trains against the discriminator.
 4. **+ pseudo labels**: row 3 plus the rotated-cube pseudo-label loss on the real half
    (``distill.pseudo_weight=1``), from the project's own perspective teacher
-   (``teacher.mode=inprocess teacher.model=teacher_server/weights/pano-distill-perspective-v1``, input size from
+   (``teacher.mode=inprocess teacher.model=`` ``student.labels.LOCAL_TEACHER``, the offline teacher; input size from
    its ``pano_distill.json``) when that folder exists, otherwise from the oracle teacher (``teacher.mode=oracle``:
    the exact disparity of the house scenes with a random affine map per face and 5% noise). The oracle is a
    perfect teacher, so that row is then an upper bound for pseudo labels, not a measurement of a real teacher;

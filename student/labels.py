@@ -24,7 +24,7 @@ from student.config import TeacherConfig, TrainConfig
 
 log = logging.getLogger("pano_distill.teacher")
 
-LOCAL_TEACHER = Path(__file__).resolve().parents[1] / "teacher_server" / "weights" / "pano-distill-perspective-v1"
+LOCAL_TEACHER = Path(__file__).resolve().parents[1] / "teacher_server" / "weights" / "pano-distill-perspective-v2"
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

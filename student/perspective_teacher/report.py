@@ -65,7 +65,7 @@ def write_readme(out: Path, info: dict) -> None:
                   f"training) on {t['threads']} CPU thread(s)")
     text = f"""# {out.name}: a small perspective depth teacher for generated scenes
 
-A small depth network trained from scratch that predicts **relative disparity** (larger = closer) of a
+A small depth network trained {'further' if info.get('init') else 'from scratch'} that predicts **relative disparity** (larger = closer) of a
 perspective view: {ARCH_NOTES[info['arch']]}; {info['params']:,} parameters. It stands in for Depth Anything in
 pano-distill's demonstrations, where the real foundation model cannot be downloaded. It was trained only
 on generated rooms (`sharding.synthetic`), so it is meant for **generated scenes and demos, not real
