@@ -10,14 +10,7 @@ from student.flops import forward_flops, main, param_count, train_step_flops
 from student.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny operators, which gain nothing from a second intra-op thread but slow
-    down many-fold when the CPU is shared and OpenMP threads wait for each other; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("cin, cout, k, stride, pad, h, w", [(3, 8, 3, 1, 1, 16, 32), (4, 6, 5, 2, 0, 21, 40)])

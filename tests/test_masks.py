@@ -29,24 +29,11 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _load_rgb(path: Path, h: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB").resize((2 * h, h), Image.BILINEAR))
-
-
 @pytest.fixture(scope="module")
 def panos() -> list[np.ndarray]:
-    """Real panoramas (outdoor, then indoor) at 64 x 128; synthetic ones when the samples are missing."""
-    from conftest import SAMPLES
+    from conftest import sample_panoramas
 
-    files = sorted((SAMPLES / "outdoor").glob("b?.png")) + sorted((SAMPLES / "indoor").glob("*.jpg"))
-    if files:
-        return [_load_rgb(f, 64) for f in files[:8]]
-    from conftest import smooth_panorama
-
-    return [(smooth_panorama(64, 128, seed=i) * 255).astype(np.uint8) for i in range(8)]
+    return sample_panoramas(8)
 
 
 def _sample(key: str, rgb: np.ndarray, mask: np.ndarray | None = None, fmt: str = "jpg") -> dict:

@@ -16,14 +16,7 @@ H, W = 64, 128
 TINY = ("unifuse_tiny", "bifusepp_tiny", "rectnet_tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny operators, which gain nothing from a second intra-op thread but slow
-    down many-fold when the CPU is shared and OpenMP threads wait for each other; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rgb(batch: int = 2, h: int = H, seed: int = 0) -> torch.Tensor:

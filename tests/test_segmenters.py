@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +16,11 @@ from sharding.testing import build_tiny_grounding_dino, build_tiny_hf_sam, build
 TINY = MaskerConfig(detector=TINY_RANDOM, sam=TINY_RANDOM, device="cpu")
 
 
-def _load_rgb(path: Path, h: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB").resize((2 * h, h), Image.BILINEAR))
-
-
 @pytest.fixture(scope="module")
 def panos() -> list[np.ndarray]:
-    """Real panoramas (outdoor, then indoor) at 64 x 128; synthetic ones when the samples are missing."""
-    from conftest import SAMPLES
+    from conftest import sample_panoramas
 
-    files = sorted((SAMPLES / "outdoor").glob("b?.png")) + sorted((SAMPLES / "indoor").glob("*.jpg"))
-    if files:
-        return [_load_rgb(f, 64) for f in files[:2]]
-    from conftest import smooth_panorama
-
-    return [(smooth_panorama(64, 128, seed=i) * 255).astype(np.uint8) for i in range(2)]
+    return sample_panoramas(2)
 
 
 def test_segmenters_keeps_the_names_callers_import():
@@ -97,7 +83,9 @@ def test_tokenizer_from_a_local_vocab_file(tmp_path, panos):
 
 
 def test_tiny_pipeline_end_to_end_on_a_real_panorama(samples_dir):
-    rgb = _load_rgb(samples_dir / "outdoor" / "b0.png", 128)
+    from conftest import sample_panoramas
+
+    rgb = sample_panoramas(1, 128)[0]  # outdoor b0.png: samples_dir makes sure the real samples are there
     masker = SkyWatermarkMasker.from_config(TINY)
     res = masker(rgb)
     assert res.valid.dtype == bool and res.valid.shape == (128, 256)

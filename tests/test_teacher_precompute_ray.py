@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,21 +12,6 @@ from teacher_server.store import PseudoLabelStore, StoreMismatchError
 from teacher_server.testing import write_panorama_shards
 
 KW = dict(rotations=2, model="tiny-random", face_size=16, input_size=28, seed=3, max_deg=30.0)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=300 * 2**20,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def _entries(path):

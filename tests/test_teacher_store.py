@@ -73,25 +73,9 @@ def test_mismatched_header_is_refused(tmp_path):
 
 def write_shards(folder, n=5, per_shard=3, h=H):
     """WebDataset shards of generated panoramas, as sharding.build writes them (RGB only: unlabeled)."""
-    from webdataset import TarWriter
+    from teacher_server.testing import write_panorama_shards
 
-    from sharding.format import encode_png, encode_sample
-    from sharding.synthetic import generate_panorama
-
-    folder.mkdir(parents=True, exist_ok=True)
-    keys, paths = [], []
-    for s in range(0, n, per_shard):
-        path = folder / f"unlabeled-{s // per_shard:06d}.tar"
-        writer = TarWriter(str(path), encoder=False)
-        for i in range(s, min(n, s + per_shard)):
-            key = f"gen-{i:03d}"
-            rgb = generate_panorama(i, "apartment", h)["rgb"]
-            writer.write(encode_sample(key, encode_png(rgb), meta={"source": "test", "split": "unlabeled",
-                                                                     "path": key}))
-            keys.append(key)
-        writer.close()
-        paths.append(str(path))
-    return keys, paths
+    return write_panorama_shards(folder, n, per_shard, h)
 
 
 def test_precompute_stores_seeded_rotations_and_resumes(tmp_path):
