@@ -54,7 +54,7 @@ def _run_dir(cfg: TrainConfig) -> Path:
 
 
 def print_summary(summary: dict, cfg: TrainConfig) -> None:
-    from student.evaluate import format_table
+    from student.evaluate import format_table, protocol_rows
 
     last = summary.get("last", {})
     lines = ["", f"run folder: {Path(cfg.run.out_dir).expanduser()}", f"steps: {summary.get('step')}",
@@ -67,9 +67,9 @@ def print_summary(summary: dict, cfg: TrainConfig) -> None:
         lines.append(f"teacher: {summary['teacher']}")
     ev = summary.get("eval")
     if ev:
-        lines += ["", format_table({cfg.model.label: ev["metrics"]},
-                                   f"evaluation: {ev['images']} panoramas, {ev['protocol']} alignment, "
-                                   f"0 < gt <= {ev['max_depth']} m")]
+        lines += ["", format_table(protocol_rows(cfg.model.label, ev),
+                                   f"evaluation: {ev['images']} panoramas, {ev['protocol']} alignment first "
+                                   f"(the other protocol beside it), 0 < gt <= {ev['max_depth']} m")]
     print("\n".join(lines))
 
 

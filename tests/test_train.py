@@ -25,13 +25,17 @@ def _weights(run: Path) -> dict:
     return torch.load(run / "checkpoints" / latest / "model.pt", weights_only=True)
 
 
-def test_tiny_run_writes_the_run_folder(tmp_path):
+def test_tiny_run_writes_the_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--config", TINY, f"run.out_dir={run}", "optim.steps=6", "run.log_every=3", "run.ckpt_every=3", *FAST]) == 0
+    printed = capsys.readouterr().out  # the final table: the reference protocol first, the paper text's beside it
+    assert printed.index("[lstsq]") < printed.index("[median]")
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "train.log", "loss_curve.png", "preview.png"):
         assert (run / name).is_file(), name
     report = json.loads((run / "eval.json").read_text())
     assert report["protocol"] == "lstsq" and report["images"] == 8
+    assert list(report["metrics_by_protocol"]) == ["lstsq", "median"]
+    assert report["metrics_by_protocol"]["lstsq"] == report["metrics"]
     assert set(report["metrics"]) == set(METRIC_NAMES)
     assert all(v == v and abs(v) < 1e6 for v in report["metrics"].values())  # finite
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
