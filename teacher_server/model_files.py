@@ -3,7 +3,7 @@
 Used by :func:`teacher_server.models.load_model`:
 
 * :func:`_processor_hints`: mean/std and input size from ``preprocessor_config.json`` and from our own
-  ``pano_distill.json`` (written by ``teacher_server.train_perspective``), where they exist;
+  ``pano_distill.json`` (written by ``student.perspective_teacher.train``), where they exist;
 * :func:`input_multiple`: what the input side must be a multiple of (patch or total stride);
 * :func:`_load_state_dict_file` / :func:`_config_for_state_dict`: a bare ``.pt`` / ``.safetensors`` state
   dict (``weights_only=True``) and the architecture it needs.
@@ -55,7 +55,7 @@ def _read_json(path: Path | None) -> dict:
 
 def _processor_hints(folder_or_id: str, local_files_only: bool) -> dict:
     """mean/std and input size from ``preprocessor_config.json`` and our ``pano_distill.json`` (written by
-    ``teacher_server.train_perspective``), where they exist. Without them: ImageNet mean/std."""
+    ``student.perspective_teacher.train``), where they exist. Without them: ImageNet mean/std."""
     hints: dict[str, Any] = {}
     proc = _read_json(_find_file(folder_or_id, "preprocessor_config.json", local_files_only))
     if proc:

@@ -62,7 +62,7 @@ def test_save_pretrained_folder_and_state_dicts_load_offline(tmp_path):
 
 
 def test_own_teacher_folder_brings_its_input_size_and_normalisation(tmp_path):
-    """A folder as teacher_server.train_perspective writes it (here a tiny GLPN, total stride 32)."""
+    """A folder as student.perspective_teacher.train writes it (here a tiny GLPN, total stride 32)."""
     import json
 
     from transformers import GLPNConfig, GLPNForDepthEstimation
