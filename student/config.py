@@ -231,6 +231,8 @@ class TrainConfig:
         for key, (value, low) in at_least.items():
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")
+        if self.distill.face_size == 1:  # 0 is the documented "auto" (height // 2), not a size
+            raise ConfigError("distill.face_size must be 0 (auto: data.height // 2) or a size >= 2, got 1")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         if self.data.batch_size < 2 or self.data.batch_size % 2:

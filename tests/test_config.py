@@ -46,6 +46,7 @@ def test_overrides_are_typed_and_nested():
     ("run.log_every=0", "run.log_every must be >= 1"),
     ("data.height=0", "data.height must be >= 16"),
     ("distill.face_size=-1", "distill.face_size must be >= 0"),
+    ("distill.face_size=1", "distill.face_size must be 0 \\(auto"),
     ("run.metrics_port=65536", "run.metrics_port must be -1"),
     ("run.metrics_port=-2", "run.metrics_port must be -1"),
     ("teacher.metrics_port=70000", "teacher.metrics_port"),
