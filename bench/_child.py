@@ -8,9 +8,12 @@ progress is echoed from ``metrics.jsonl`` every few seconds, and a failed run ra
 from __future__ import annotations
 
 import json
+import math
 import os
+import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -84,3 +87,27 @@ def train(name: str, config: str, overrides: list[str], run_dir: Path, describe:
     ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
     log(f"train {name}: done in {wall:.0f} s")
     return Finished(command, wall, read_records(run_dir), ev, stdout)
+
+
+def machine() -> dict:
+    """What a result was measured on: CPU model, cores, load average, torch and Python versions."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def mean_sd(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation over the values that exist (None and NaN left out)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)

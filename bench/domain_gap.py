@@ -48,7 +48,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -63,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import _child  # noqa: E402  (bench/, first on sys.path when run as a script)
-from _child import log  # noqa: E402
+from _child import log, machine, mean_sd  # noqa: E402
 
 BASE_CONFIG = "configs/domain_adaptation.yaml"
 ROWS = ("depth", "+ normal", "+ adversarial", "+ pseudo labels")
@@ -157,26 +156,6 @@ def train(name: str, overrides: list[str], run_dir: Path) -> dict:
             "last_losses": recs[-1]["losses"] if recs else {},
             "loss_curve": [[r["step"], r["losses"]] for r in recs],
             "eval_json_abs_rel": run.eval.get("metrics", {}).get("abs_rel"), "teacher_log": teacher_line}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def fmt(m: float, sd: float, digits: int = 4) -> str:

@@ -61,7 +61,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -77,7 +76,7 @@ import torch  # noqa: E402
 
 import _child  # noqa: E402  (bench/, first on sys.path when run as a script)
 import _evidence  # noqa: E402
-from _child import log  # noqa: E402
+from _child import log, machine, mean_sd  # noqa: E402
 from _seams import (SeamAccumulator, draw_figure, face_scale_spread, median_normalised,  # noqa: E402
                     score_ground_truth, seam_pairs)
 
@@ -177,26 +176,6 @@ def draw_loss(path: Path, runs: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- main
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
 
 COLUMNS = (("abs_rel", "AbsRel", 4), ("abs_rel_median", "AbsRel median", 4), ("delta1", "δ1", 3),
            ("seam_ratio", "seam ratio", 2),
