@@ -29,6 +29,7 @@ are also the built-in exception they used to be (``FileNotFoundError``, ``ValueE
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -275,7 +276,7 @@ def _release(h: _Handle) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the base
-class LmdbStore:
+class LmdbStore(abc.ABC):
     """Base of our LMDB stores: per-process environment, transactions, growth, checksums, format record.
 
     Subclasses set ``WHAT`` (how messages name the store), ``FORMAT`` and ``VERSION`` (the format record),
@@ -322,8 +323,9 @@ class LmdbStore:
     def _opened(self) -> None:
         """Hook: runs once per process after the environment is open and its format checked."""
 
+    @abc.abstractmethod
     def _is_empty(self, txn: Any, dbs: dict) -> bool:
-        raise NotImplementedError
+        """True when the store holds no entry yet (a format record may then be written)."""
 
     def _check_format(self) -> None:
         want = {"format": self.FORMAT, "version": self.VERSION, "checksum": CHECKSUM}
