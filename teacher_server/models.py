@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharding.cli import UserError
 from sharding.device import resolve_device
 
 from .model_files import _config_for_state_dict, _load_state_dict_file, _processor_hints, input_multiple
@@ -75,6 +76,10 @@ TFLOP_PER_PANORAMA = {"small": 0.69, "base": 2.28, "large": 7.83}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+class TeacherSettingError(UserError, ValueError):
+    """A teacher setting that cannot work with this model (input size, dtype): one line, exit 2."""
+
 
 class TeacherUnavailableError(OSError):
     """The teacher's weights could not be found or downloaded."""
@@ -135,14 +140,14 @@ class FrozenTeacher(nn.Module):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("fp16 teachers need a GPU; use dtype=fp32 or bf16 on the CPU")
+            raise TeacherSettingError("fp16 teachers need a GPU; use teacher.dtype=fp32 or bf16 on the CPU")
         self.name, self.preprocess, self.patch_size = name, bool(preprocess), int(patch_size)
         self.eps_rel = float(eps_rel)
         self.max_batch_faces = int(max_batch_faces) if max_batch_faces else None
         if self.preprocess:
             if input_size is None or int(input_size) <= 0 or int(input_size) % self.patch_size:
                 lo = max(self.patch_size, (int(input_size or 0) // self.patch_size) * self.patch_size)
-                raise ValueError(f"teacher input_size must be a positive multiple of the model's patch size "
+                raise TeacherSettingError(f"teacher input_size must be a positive multiple of the model's patch size "
                                  f"{self.patch_size} (e.g. {lo} or {lo + self.patch_size}; 518 for Depth "
                                  f"Anything; teacher.input_size=auto takes the model's own), got {input_size}")
         # (patch_size: the ViT patch, or for GLPN-like models the total stride; see input_multiple)

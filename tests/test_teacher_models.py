@@ -39,7 +39,10 @@ def test_tiny_random_is_seeded_frozen_and_normalised():
 
 
 def test_input_size_must_be_a_multiple_of_the_patch():
-    with pytest.raises(ValueError, match=r"multiple of the model's patch size 14.*got 100"):
+    from sharding.cli import UserError
+
+    # a setting the user can fix: the one-line user error (exit 2), not a traceback
+    with pytest.raises(UserError, match=r"multiple of the model's patch size 14.*got 100"):
         load_teacher("tiny-random", "cpu", "fp32", 100)
 
 
