@@ -149,7 +149,7 @@ class FrozenTeacher(nn.Module):
                 lo = max(self.patch_size, (int(input_size or 0) // self.patch_size) * self.patch_size)
                 raise TeacherSettingError(f"teacher input_size must be a positive multiple of the model's patch size "
                                  f"{self.patch_size} (e.g. {lo} or {lo + self.patch_size}; 518 for Depth "
-                                 f"Anything; teacher.input_size=auto takes the model's own), got {input_size}")
+                                 f"Anything; our own teachers name theirs in pano_distill.json), got {input_size}")
         # (patch_size: the ViT patch, or for GLPN-like models the total stride; see input_multiple)
         self.input_size = int(input_size) if input_size else None
         self.model = model.to(self.device)
