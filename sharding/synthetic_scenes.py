@@ -16,7 +16,7 @@ blue palettes, carpet, ceiling tiles with fluorescent panels, many desks and box
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -242,9 +242,49 @@ def _furniture_parts(kind, rect, hgt, along, back, mats):
     return boxes, cyls
 
 
-def make_scene(seed: int, style: str = "apartment", *, windows: bool = True) -> Scene:
-    """Draw a room of ``style`` for ``seed``: geometry, materials, lights, camera, windows (if ``windows``)."""
-    st = _get_style(style)
+def broad_style(rng: np.random.Generator) -> Style:
+    """A random ``Style`` between and beyond the named ones, for training a teacher on a broad mixture: room
+    size from small rooms to halls, ceiling and camera heights, clutter (0-24 pieces of any kind, pillars),
+    windows, lights (count, colour, power, ambient), and each palette and pattern table taken from a random
+    named style, its hue shifted at random a third of the time. Its ``name`` is the named style it started
+    from (so scenes drawn from it keep a valid ``style``)."""
+    base = _STYLE_LIST[int(rng.integers(len(_STYLE_LIST)))]
+    pick = lambda: _STYLE_LIST[int(rng.integers(len(_STYLE_LIST)))]  # noqa: E731
+
+    def span(lo, hi, min_width):
+        a = rng.uniform(lo, hi - min_width)
+        return (float(a), float(rng.uniform(a + min_width, hi)))
+
+    def hsv(table):
+        (h0, h1), sv, vv = table
+        if rng.random() < 1 / 3:
+            shift = rng.uniform(0.0, 1.0)
+            h0, h1 = h0 + shift, h1 + shift
+        return ((h0, h1), sv, vv)
+
+    kinds = tuple((k, float(rng.uniform(0.2, 3.0))) for k in _KINDS)
+    n_f = int(rng.integers(0, 16))
+    light = np.clip(np.array(pick().light_rgb) + rng.normal(0.0, 0.05, 3), 0.6, 1.1)
+    power = float(rng.uniform(0.6, 1.6))
+    return replace(
+        base, room_w=span(2.5, 16.0, 1.0), room_d=span(2.5, 16.0, 1.0), room_h=span(2.3, 4.0, 0.2),
+        cam_h=span(1.0, 1.8, 0.1), n_furniture=(n_f, n_f + int(rng.integers(0, 9))), furniture=kinds,
+        n_pillars=(0, int(rng.integers(0, 5))), n_windows=(0, int(rng.integers(0, 5))),
+        n_lights=(1, int(rng.integers(1, 6))), light_rgb=tuple(float(c) for c in light),
+        light_power=(0.5 * power, power), light_range=float(rng.uniform(2.0, 4.0)), ambient=span(0.15, 0.6, 0.05),
+        wall_hsv=hsv(pick().wall_hsv), floor_hsv=hsv(pick().floor_hsv), ceiling_hsv=hsv(pick().ceiling_hsv),
+        object_hsv=hsv(pick().object_hsv), wall_patterns=pick().wall_patterns, floor_patterns=pick().floor_patterns,
+        ceiling_patterns=pick().ceiling_patterns, object_patterns=pick().object_patterns,
+        lamp_shape=pick().lamp_shape, n_paintings=(0, int(rng.integers(0, 4))))
+
+
+def make_scene(seed: int, style: str | Style = "apartment", *, windows: bool = True) -> Scene:
+    """Draw a room of ``style`` for ``seed``: geometry, materials, lights, camera, windows (if ``windows``).
+
+    ``style`` is a name of ``STYLES`` or a ``Style`` (``broad_style``); a ``Style`` draws from the random
+    stream of the named style it carries, so equal (seed, Style) arguments give equal scenes."""
+    st = style if isinstance(style, Style) else _get_style(style)
+    style = st.name
     rng = np.random.default_rng([int(seed), STYLES.index(style)])
     w, d, h = rng.uniform(*st.room_w), rng.uniform(*st.room_d), rng.uniform(*st.room_h)
     size = np.array([w, h, d])

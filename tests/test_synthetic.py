@@ -11,6 +11,7 @@ from panorama import (FACE_ROTATIONS, equirect_directions, equirect_to_cube, equ
                       random_rotations, rotation_matrix)
 from sharding.synthetic import (CAMERA_CLEARANCE, STYLE_PARAMS, STYLES, WATERMARK_LAT_DEG, Style,
                                 generate_panorama, make_scene, render_panorama, render_perspective)
+from sharding.synthetic_scenes import broad_style
 
 
 def _latitudes(h):
@@ -208,3 +209,25 @@ def test_bad_arguments():
         render_perspective(scene, np.eye(4), 8)
     with pytest.raises(ValueError, match="fov"):
         render_perspective(scene, np.eye(3), 8, fov_deg=180.0)
+
+
+def test_broad_styles_are_deterministic_reach_beyond_the_named_ones_and_render():
+    a, b = broad_style(np.random.default_rng(3)), broad_style(np.random.default_rng(3))
+    assert a == b and a.name in STYLES
+    styles = [broad_style(np.random.default_rng(i)) for i in range(60)]
+    named = STYLE_PARAMS.values()
+    # room sizes and clutter outside every named style's range: small halls, empty rooms, crowded rooms
+    assert min(s.room_w[0] for s in styles) < min(n.room_w[0] for n in named)
+    assert max(s.room_h[1] for s in styles) > max(n.room_h[1] for n in named)
+    assert min(s.n_furniture[1] for s in styles) < min(n.n_furniture[0] for n in named)
+    assert max(s.n_furniture[1] for s in styles) > max(n.n_furniture[1] for n in named)
+    assert len({s.lamp_shape for s in styles}) == 2 and len({s.light_rgb for s in styles}) == 60
+    for i, st in enumerate(styles[:6]):  # a scene drawn from one keeps the camera clear of every surface
+        scene = make_scene(i, st, windows=True)
+        assert scene.style == st.name
+        cam, size = scene.camera, scene.size
+        assert (cam >= CAMERA_CLEARANCE).all() and (size - cam >= CAMERA_CLEARANCE).all()
+        _, depth, valid = render_panorama(scene, 32)
+        assert valid.mean() > 0.5 and depth[valid].min() >= CAMERA_CLEARANCE
+        again = make_scene(i, st, windows=True)
+        assert np.array_equal(again.box_lo, scene.box_lo) and np.array_equal(again.lights, scene.lights)

@@ -46,6 +46,21 @@ def test_views_are_deterministic_disjoint_and_valid():
     assert (depth > 0).mean() >= 0.3 and np.isfinite(depth).all()
 
 
+def test_broad_variety_changes_half_of_the_scenes_and_keeps_the_angles():
+    changed = 0
+    for i in range(12):
+        rgb, depth, spec = render_view("train", i, 24, variety="broad")
+        rgb_s, depth_s, spec_s = render_view("train", i, 24)
+        assert np.array_equal(rgb, render_view("train", i, 24, variety="broad")[0])  # deterministic
+        assert (spec.yaw, spec.pitch, spec.roll, spec.fov) == (spec_s.yaw, spec_s.pitch, spec_s.roll, spec_s.fov) \
+            or (depth_s > 0).mean() < 0.3 or (depth > 0).mean() < 0.3  # redrawn angles only for a sky view
+        changed += not np.array_equal(depth, depth_s)
+        assert (depth > 0).mean() >= 0.3
+    assert 2 <= changed <= 10  # about half (BROAD_FRACTION) drawn from broad_style
+    with pytest.raises(ValueError, match="variety"):
+        render_view("train", 0, 24, variety="wide")
+
+
 def test_batch_targets_and_augmentation():
     views = load_views("train", 6, 32, cache_dir="", progress=False)
     b = views.batch(range(6), augment=True, generator=torch.Generator().manual_seed(0))

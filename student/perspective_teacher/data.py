@@ -15,6 +15,11 @@ Sampling (one view per scene, everything drawn from ``np.random.default_rng([see
   +-45 deg for the other half (cube faces of a rotated cube are rolled).
 * horizontal field of view uniform in [60, 100] deg.
 * a view with under 30% valid pixels (mostly sky through a window) is redrawn (new angles, same scene).
+* ``variety="broad"`` (``--variety broad``): half of the scenes (drawn per view) come from
+  ``sharding.synthetic_scenes.broad_style`` instead of the cycled named style: room sizes from 2.5 m rooms to
+  16 m halls, ceilings 2.3-4 m, 0-24 pieces of any furniture kind, pillars, windows, lights of random count,
+  colour and power, and palettes mixed across styles with random hue shifts. ``"styles"`` (the default, and
+  what v1 and the first v2 were trained on) keeps the three named styles only.
 
 The cache (default ``~/.cache/pano-distill/perspective``, or ``$PANO_DISTILL_CACHE/perspective``) holds
 chunks of ``CHUNK`` views as ``.npz``: ``rgb`` uint8 (n, S, S, 3), ``depth`` float16 (n, S, S) planar
@@ -36,6 +41,7 @@ import torch
 from panorama import rotation_matrix
 from panorama.depth_math import normalize_disparity
 from sharding.synthetic import STYLES, make_scene, render_perspective
+from sharding.synthetic_scenes import broad_style
 
 CACHE_VERSION = 1  # bump when rendering or view sampling changes: the cache is keyed by it
 CHUNK = 250
@@ -46,6 +52,8 @@ MAX_TRAIN_VIEWS = VAL_SEED_BASE - TRAIN_SEED_BASE
 MIN_VALID_FRACTION = 0.3
 FOV_RANGE = (60.0, 100.0)
 PITCH_MAX = 60.0
+VARIETIES = ("styles", "broad")
+BROAD_FRACTION = 0.5  # with variety="broad": the share of scenes drawn from broad_style
 # ImageNet statistics, as Depth Anything's processor: the saved processor config and training agree.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -80,19 +88,26 @@ def _draw_angles(rng: np.random.Generator) -> tuple[float, float, float, float]:
     return float(yaw), float(pitch), float(roll), float(fov)
 
 
-def render_view(split: str, index: int, size: int, seed: int = 0, max_tries: int = 8):
+def render_view(split: str, index: int, size: int, seed: int = 0, max_tries: int = 8, variety: str = "styles"):
     """Render view ``index`` of ``split`` -> (rgb uint8 (S, S, 3), planar depth float32 (S, S), ViewSpec).
 
-    Depth is 0 where invalid (sky). Deterministic in (split, index, size, seed).
+    Depth is 0 where invalid (sky). Deterministic in (split, index, size, seed, variety).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    if variety not in VARIETIES:
+        raise ValueError(f"variety must be one of {VARIETIES}, got {variety!r}")
     split_id, base = SPLITS[split]
     if not 0 <= index < MAX_TRAIN_VIEWS:
         raise ValueError(f"view index must be in [0, {MAX_TRAIN_VIEWS}), got {index}")
     rng = np.random.default_rng([int(seed), split_id, int(index)])
     style = STYLES[index % len(STYLES)]
+    if variety == "broad":  # its own stream, so the angles below stay those of the "styles" view
+        vrng = np.random.default_rng([int(seed), split_id, int(index), 1])
+        if vrng.random() < BROAD_FRACTION:
+            style = broad_style(vrng)
     scene = make_scene(base + index, style, windows=True)
+    style = scene.style
     for _ in range(max_tries):
         yaw, pitch, roll, fov = _draw_angles(rng)
         rgb, depth, valid = render_perspective(scene, rotation_matrix(yaw, pitch, roll, dtype=torch.float64),
@@ -103,19 +118,20 @@ def render_view(split: str, index: int, size: int, seed: int = 0, max_tries: int
     return rgb, depth, ViewSpec(split, int(index), base + index, style, yaw, pitch, roll, fov)
 
 
-def _chunk_path(cache_dir: Path, split: str, size: int, seed: int, chunk: int) -> Path:
-    return Path(cache_dir) / f"v{CACHE_VERSION}" / f"{split}-s{size}-seed{seed}" / f"chunk{chunk:05d}.npz"
+def _chunk_path(cache_dir: Path, split: str, size: int, seed: int, chunk: int, variety: str = "styles") -> Path:
+    version = f"v{CACHE_VERSION}" + ("" if variety == "styles" else f"-{variety}")
+    return Path(cache_dir) / version / f"{split}-s{size}-seed{seed}" / f"chunk{chunk:05d}.npz"
 
 
 def _render_chunk(args) -> str:
-    cache_dir, split, size, seed, chunk = args
-    path = _chunk_path(cache_dir, split, size, seed, chunk)
+    cache_dir, split, size, seed, chunk, variety = args
+    path = _chunk_path(cache_dir, split, size, seed, chunk, variety)
     if path.exists():
         return str(path)
     torch.set_num_threads(1)
     rgbs, depths, specs = [], [], []
     for i in range(chunk * CHUNK, (chunk + 1) * CHUNK):
-        rgb, depth, spec = render_view(split, i, size, seed)
+        rgb, depth, spec = render_view(split, i, size, seed, variety=variety)
         rgbs.append(rgb)
         depths.append(depth.astype(np.float16))
         specs.append(asdict(spec))
@@ -126,31 +142,32 @@ def _render_chunk(args) -> str:
     return str(path)
 
 
-def _render_direct(split: str, n: int, size: int, seed: int, progress: bool):
+def _render_direct(split: str, n: int, size: int, seed: int, progress: bool, variety: str = "styles"):
     from tqdm.auto import tqdm
 
     rgbs, depths = [], []
     for i in tqdm(range(n), desc=f"render {split}", disable=not progress, leave=False):
-        rgb, depth, _ = render_view(split, i, size, seed)
+        rgb, depth, _ = render_view(split, i, size, seed, variety=variety)
         rgbs.append(rgb)
         depths.append(depth.astype(np.float16))
     return np.stack(rgbs), np.stack(depths)
 
 
 def load_views(split: str, n: int, size: int, seed: int = 0, cache_dir: str | Path | None = None,
-               workers: int = 1, progress: bool = True) -> "PerspectiveViews":
+               workers: int = 1, progress: bool = True, variety: str = "styles") -> "PerspectiveViews":
     """The first ``n`` views of ``split``, from the cache (rendering missing chunks) or, with
-    ``cache_dir=""``, rendered directly without a cache (tests, tiny runs)."""
+    ``cache_dir=""``, rendered directly without a cache (tests, tiny runs). ``variety``: see the module
+    docstring (validation views are compared across teachers, so callers keep them at ``"styles"``)."""
     from tqdm.auto import tqdm
 
     if n <= 0:
         raise ValueError(f"need at least one view, got n={n}")
     if cache_dir == "" or cache_dir is False:
-        rgb, depth = _render_direct(split, n, size, seed, progress)
+        rgb, depth = _render_direct(split, n, size, seed, progress, variety)
         return PerspectiveViews(torch.from_numpy(rgb), torch.from_numpy(depth))
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     n_chunks = -(-n // CHUNK)
-    jobs = [(str(cache_dir), split, int(size), int(seed), k) for k in range(n_chunks)]
+    jobs = [(str(cache_dir), split, int(size), int(seed), k, variety) for k in range(n_chunks)]
     todo = [j for j in jobs if not _chunk_path(Path(j[0]), *j[1:]).exists()]
     if todo:
         bar = tqdm(total=len(todo) * CHUNK, desc=f"render {split} views ({size}px) -> {cache_dir}",

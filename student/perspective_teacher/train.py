@@ -62,7 +62,8 @@ import torch
 
 from panorama.depth_math import affine_invariant_loss, depth_metrics
 from sharding import cli
-from student.perspective_teacher.data import IMAGE_MEAN, IMAGE_STD, TRAIN_SEED_BASE, PerspectiveViews, load_views
+from student.perspective_teacher.data import (IMAGE_MEAN, IMAGE_STD, TRAIN_SEED_BASE, VARIETIES, PerspectiveViews,
+                                               load_views)
 from student.perspective_teacher.models import (ARCHS, arch_multiple, build_model, build_processor,  # noqa: F401
                                                 count_params, ensure_output_spread)
 from student.perspective_teacher.report import _fmt, plot_curve, write_readme
@@ -70,6 +71,8 @@ from student.perspective_teacher.report import _fmt, plot_curve, write_readme
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+BROAD_NOTE = (", half of the scenes from broad_style: rooms 2.5-16 m, ceilings 2.3-4 m, 0-24 pieces of "
+              "furniture, random lights and palettes")
 
 
 @torch.no_grad()
@@ -221,6 +224,10 @@ def parse_args(argv=None):
     p.add_argument("--low-res", type=float, default=0.0,
                    help="fraction of the training budget spent on views downscaled 2x (cheaper steps)")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--variety", choices=VARIETIES, default="styles",
+                   help="training scenes: styles = the three named styles; broad = half of them from "
+                        "sharding.synthetic_scenes.broad_style (room size, clutter, lights, palettes); "
+                        "validation views stay 'styles' so that teachers compare")
     p.add_argument("--cache", default=None,
                    help="view cache folder (default ~/.cache/pano-distill/perspective); '' renders in memory")
     p.add_argument("--workers", type=int, default=2, help="processes that render missing views")
@@ -282,7 +289,8 @@ def train_teacher(argv=None) -> dict:
     n_params = count_params(model)
     log.info(f"{args.arch} ({args.width}): {n_params:,} parameters, input {args.size} px")
 
-    train = load_views("train", args.views, args.size, args.seed, args.cache, args.workers, progress)
+    train = load_views("train", args.views, args.size, args.seed, args.cache, args.workers, progress,
+                       variety=args.variety)
     val = load_views("val", args.val_views, args.size, args.seed, args.cache, args.workers, progress)
     val_small = PerspectiveViews(val.rgb[:64], val.depth[:64])
     t_data = time.monotonic() - t_start
@@ -341,7 +349,8 @@ def train_teacher(argv=None) -> dict:
         "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
         "params": n_params,
         "trained_on": (f"{len(train)} generated perspective views (sharding.synthetic, styles apartment/house/"
-                       f"office, scenes {TRAIN_SEED_BASE}+, one view per scene, yaw any, pitch mostly within "
+                       f"office{BROAD_NOTE if args.variety == 'broad' else ''}, scenes {TRAIN_SEED_BASE}+, one "
+                       "view per scene, yaw any, pitch mostly within "
                        f"+-60 deg and 20% towards +-90, roll up to 45 deg, FOV 60-100 deg, windows on with sky "
                        f"invalid), rendered at {args.size} px"),
         "command": command,
