@@ -3,13 +3,15 @@
     python bench/reproduce.py --stage data         # render the sets, cache pseudo labels (~15 min, 2 cores)
     python bench/reproduce.py --stage decisive     # labeled only vs the full recipe, 5 seeds each
     python bench/reproduce.py --stage ablation     # + pseudo labels without rotation / without masks, 3 seeds
-    python bench/reproduce.py --stage oracle       # oracle teacher dose-response, 4 noise levels x 3 seeds
+    python bench/reproduce.py --stage oracle       # oracle teacher dose-response, 3 noise levels x 3 seeds
     python bench/reproduce.py --stage report       # teacher and baseline rows, tables (from what has run)
     python bench/reproduce.py --toy                # CI smoke size: every stage in a couple of minutes
 
-Each stage is one command of under 90 min on 2 CPU cores (estimated from 0.3 s per student step at this
-size; a stage skips the runs already done, so a stage can be rerun after an interruption). Generated scenes
-stand in for datasets we cannot download here:
+Each stage is one command of under 90 min on 2 CPU cores. A stage skips the runs already done, so it can be
+rerun after an interruption; every student run is claimed with a lock (``claim_run``), so two stage commands
+started side by side on one working folder share its runs out, one core each, e.g. ``--stage decisive`` and
+``--stage ablation`` at once, then ``--stage oracle`` twice. Students train with one torch thread. Generated
+scenes stand in for datasets we cannot download here:
 
 * **perspective teacher**: by default the committed ``pano-distill-perspective-v2`` (trained on generated
   perspective views of every style, ``python -m student.perspective_teacher.train``); ``--train-teacher``
@@ -24,7 +26,7 @@ stand in for datasets we cannot download here:
 
 Students train with a cosine schedule to a plateau. Rows: the decisive pair (labeled only; + pseudo labels,
 rotation, masks) over 5 seeds, the ablations over 3; the oracle teacher (``teacher.mode=oracle``, exact
-per-face disparity, a random affine map per face and multiplicative noise at 0, 0.1, 0.2, 0.4) with the full
+per-face disparity, a random affine map per face and multiplicative noise at 0, 0.2, 0.4) with the full
 recipe, next to labeled only of the same seeds (the dose-response: how good must a teacher be?). Every
 student row gives its paired per-seed difference to labeled only with a 95% t-interval. Teacher rows: the
 teacher's six unrotated faces merged to 360 (Table 3's Depth Anything row) and each face fitted to the ground
@@ -51,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 import _evidence as ev  # noqa: E402  (bench/, first on sys.path when run as a script)
 from _child import child_env  # noqa: E402
+from _reproduce_report import BASE_ROW, markdown, plateau, plot_curves, summarise  # noqa: E402,F401
 
 V2_TEACHER = ROOT / "teacher_server" / "weights" / "pano-distill-perspective-v2"
 MIX = ("apartment", "house", "office")
@@ -63,7 +66,6 @@ DECISIVE = {"student, labeled only": dict(pseudo=False),
             "+ pseudo labels, rotation, masks": dict(pseudo=True, rotation=True, masks=True)}
 ABLATION = {"+ pseudo labels, no rotation": dict(pseudo=True, rotation=False, masks=False),
             "+ pseudo labels, rotation": dict(pseudo=True, rotation=True, masks=False)}
-BASE_ROW = "student, labeled only"
 STAGES = ("data", "decisive", "ablation", "oracle", "report")
 
 
@@ -83,7 +85,10 @@ class Scale:
     rotations: int = 4
     decisive_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    oracle_noise: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.4])
+    # 3 levels: an oracle run costs about twice a labeled one here (the exact disparity of every rotated cube
+    # face is rendered from the ground truth each step: ~530 s against ~250 s), so 4 levels x 3 seeds would
+    # take ~110 min of one core; --oracle-noise sets others (0 0.1 0.2 0.4 in two processes fits 90 min)
+    oracle_noise: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4])
     teacher_minutes: float = 20.0
     teacher_views: int = 6000
     model: str = "unifuse_tiny"
@@ -206,6 +211,13 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
     scores = out / "scores.json"
     if scores.is_file():
         return json.loads(scores.read_text())
+    claim = claim_run(work / "runs" / f"{run_name(row, seed)}.claim")
+    if claim is None:  # another reproduce process is training it: a stage can run in two processes at once
+        log(f"student: {row}, seed {seed}: being trained by another process, skipped here")
+        return {}
+    if scores.is_file():  # finished between the check above and the claim
+        os.close(claim)
+        return json.loads(scores.read_text())
     lst = lambda xs: "[" + ",".join(xs) + "]"  # noqa: E731
     args = [f"run.out_dir={out}", f"run.seed={seed}", "run.progress=false", "run.ckpt_every=0", "run.log_every=50",
             "data.source=shards", f"data.labeled={lst(data['labeled'])}", f"data.unlabeled={lst(data['unlabeled'])}",
@@ -222,15 +234,36 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
                  f"distill.rotation={str(opts['rotation']).lower()}", f"distill.use_masks={str(opts['masks']).lower()}"]
     else:
         args += ["teacher.mode=none", "distill.pseudo_weight=0"]
-    log(f"student: {row}, seed {seed}")
     t0 = time.time()
-    run([sys.executable, "-m", "student.train", *args], work / "runs" / f"{run_name(row, seed)}.log")
+    if not (out / "eval.json").is_file():  # trained and evaluated already: only the in-domain scoring is missing
+        if out.exists():  # an interrupted run (no checkpoints at this size): start it again from scratch
+            shutil.rmtree(out)
+        log(f"student: {row}, seed {seed}")
+        run([sys.executable, "-m", "student.train", *args], work / "runs" / f"{run_name(row, seed)}.log")
     model, _, _ = load_student(out, torch.device("cpu"))
     b = json.loads((out / "eval.json").read_text())
     result = {"B": {**b["metrics_by_protocol"], "images": b["images"]},
               "U": ev.score(student_predictor(model), data["test_u"], s.height), "wall_s": round(time.time() - t0, 1)}
     scores.write_text(json.dumps(result, indent=2) + "\n")
+    os.close(claim)
     return result
+
+
+def claim_run(path: Path) -> int | None:
+    """An exclusive ``fcntl`` lock on ``path`` (a descriptor; closing it, or the process ending, releases it),
+    or None if another process holds it. Two ``--stage`` commands on one working folder thus share the runs
+    out between them (one per core) instead of training the same run twice."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def oracle_rows(s: Scale) -> dict[str, dict]:
@@ -287,62 +320,36 @@ def fixed_rows(teacher: Path, data: dict, s: Scale) -> dict[str, dict]:
     return out
 
 
-def summarise(results: dict[str, dict]) -> dict:
-    """Per row: mean and sd over seeds of each split/protocol/metric, and the paired difference to labeled
-    only (zero-shot B and in-domain U AbsRel, lstsq)."""
-    import statistics
+def training_curves(work: Path, s: Scale) -> dict[str, dict[int, dict]]:
+    """Per row and seed: the plateau check of every finished student run (its ``metrics.jsonl``)."""
+    from _child import read_records
 
-    table = {}
-    base = results.get(BASE_ROW, {})
-    for row, per_seed in results.items():
-        t = {"n": len(per_seed), "seeds": list(per_seed)}
-        for split in ("B", "U"):
-            for proto in ("lstsq", "median"):
-                for metric in ("abs_rel", "delta1"):
-                    vals = [r[split][proto][metric] for r in per_seed.values()]
-                    t[f"{split}/{proto}/{metric}"] = {
-                        "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                        "values": vals}
-            if row != BASE_ROW and "-" not in per_seed and base:
-                t[f"{split}/paired_vs_labeled_only"] = ev.paired_difference(
-                    {k: v[split]["lstsq"]["abs_rel"] for k, v in per_seed.items()},
-                    {k: v[split]["lstsq"]["abs_rel"] for k, v in base.items()})
-        table[row] = t
-    return table
+    out: dict[str, dict[int, dict]] = {}
+    for row in all_rows(s):
+        for seed in sorted(set(s.decisive_seeds) | set(s.seeds)):
+            run_dir = work / "runs" / run_name(row, seed)
+            if (run_dir / "scores.json").is_file():
+                check = plateau(read_records(run_dir))
+                if check:
+                    out.setdefault(row, {})[seed] = check
+    return out
 
 
-def markdown(table: dict, meta: dict) -> str:
-    sc = meta["scale"]
+def cached_fixed_rows(work: Path, teacher: Path, data: dict, s: Scale) -> dict[str, dict]:
+    """``fixed_rows``, computed once per (teacher weights, test sets, sizes): a report rerun while students
+    still train costs seconds, and a changed teacher is never scored from a stale cache."""
+    import hashlib
 
-    def cell(x):
-        return f"{x['mean']:.4f} ± {x['std']:.4f}" if x["std"] else f"{x['mean']:.4f}"
-
-    def diff(d):
-        return "–" if not d else f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
-
-    lines = [f"Zero-shot on style B (\"office\", {sc['test_b']} panoramas) and in-domain U (held-out panoramas of "
-             f"the unlabeled mixture, {sc['test_u']}); {sc['labeled']} labeled apartments, {sc['unlabeled']} "
-             f"unlabeled ({', '.join(MIX)}); {sc['steps']} steps, {sc['schedule']} schedule. AbsRel under the "
-             "reference protocol (lstsq) and, beside it, median; mean ± sd over seeds; Δ = paired per-seed "
-             "difference to labeled only (lstsq AbsRel) with its 95% t-interval.", "",
-             "| row | seeds | B AbsRel lstsq | B AbsRel median | B δ1 lstsq | U AbsRel lstsq | U AbsRel median "
-             "| Δ B vs labeled only | Δ U vs labeled only |", "|---|---|---|---|---|---|---|---|---|"]
-    for row, t in table.items():
-        n = "–" if t["seeds"] == ["-"] else str(t["n"])
-        lines.append(f"| {row} | {n} | {cell(t['B/lstsq/abs_rel'])} | {cell(t['B/median/abs_rel'])} | "
-                     f"{cell(t['B/lstsq/delta1'])} | {cell(t['U/lstsq/abs_rel'])} | {cell(t['U/median/abs_rel'])} | "
-                     f"{diff(t.get('B/paired_vs_labeled_only'))} | {diff(t.get('U/paired_vs_labeled_only'))} |")
-    fit, const = (table.get("teacher on cube faces, each face fitted to GT"),
-                  table.get("baseline: constant distance, each face fitted to GT"))
-    if fit and const:
-        f, c = fit["B/lstsq/abs_rel"]["mean"], const["B/lstsq/abs_rel"]["mean"]
-        lines += ["", f"Teacher, each face fitted, zero-shot B: AbsRel {f:.4f} = {f / c:.2f} x the fitted "
-                      f"constant-distance baseline ({c:.4f}; goal <= 0.6 x)."]
-        if BASE_ROW in table:
-            lab = table[BASE_ROW]["B/lstsq/abs_rel"]["mean"]
-            lines.append(f"Labeled-only student, zero-shot B: AbsRel {lab:.4f} (goal: the fitted teacher below it: "
-                         f"{'yes' if f < lab else 'no'}).")
-    return "\n".join(lines)
+    key = hashlib.sha256()
+    for f in sorted(teacher.glob("*.safetensors")) + sorted(teacher.glob("*.bin")):
+        key.update(f.read_bytes())
+    key.update(json.dumps([data["test_b"], data["test_u"], s.height, s.face]).encode())
+    path = work / f"fixed_rows-{key.hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    rows = fixed_rows(teacher, data, s)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,11 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="", help="working folder (data, stores, runs); default under ~/.cache")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where reproduce.json/.md go")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--oracle-noise", type=float, nargs="+", default=None,
+                    help="noise levels of the oracle dose-response (default 0 0.2 0.4)")
     ap.add_argument("--fresh", action="store_true", help="delete the working folder first")
     args = ap.parse_args(argv)
     s = TOY if args.toy else Scale()
     if args.steps:
         s.steps = args.steps
+    if args.oracle_noise:
+        s.oracle_noise = list(args.oracle_noise)
     work = Path(args.work or Path("~/.cache/pano-distill/reproduce2").expanduser() / ("toy" if args.toy else "full"))
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -367,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     teacher = get_teacher(work, s, args)
     data = build_data(work, s)
-    student_stages = [st for st in stages if stage_rows(st, s)]
-    stores = precompute_stores(work, data, teacher, s) if student_stages or "data" in stages else {}
+    pseudo = any(o.get("pseudo") for st in stages for _, o, _ in stage_rows(st, s))
+    stores = precompute_stores(work, data, teacher, s) if pseudo or "data" in stages else {}
     for stage in stages:
         for row, opts, seeds in stage_rows(stage, s):
             for seed in seeds:
@@ -376,9 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     if "report" not in stages:
         log(f"stage {args.stage} done in {(time.time() - t0) / 60:.1f} min")
         return 0
-    results = {**fixed_rows(teacher, data, s), **collect_students(work, s)}
+    results = {**cached_fixed_rows(work, teacher, data, s), **collect_students(work, s)}
     table = summarise(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "scale": asdict(s), "teacher": str(teacher),
+            "mix": list(MIX),
             "sets": {f"{n}/{st}": [r.start, r.stop - 1] for (n, st), r in seed_ranges(s).items()},
             "report_s": round(time.time() - t0, 1), "cores": os.cpu_count(), "load_avg_end": os.getloadavg(),
             "work": str(work), "student_wall_s": {row: {str(k): v.get("wall_s") for k, v in r.items()}
@@ -386,8 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "reproduce_toy" if args.toy else "reproduce"
+    curves = training_curves(work, s)
+    meta["plateau"] = {row: {str(k): v for k, v in r.items()} for row, r in curves.items()}
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "table": table, "per_seed": results}, indent=2,
                                                  default=str) + "\n")
+    plot_curves({row: [work / "runs" / run_name(row, seed) for seed in s.decisive_seeds] for row in DECISIVE},
+                f"decisive pair, {len(s.decisive_seeds)} seeds, {s.schedule} schedule", out / f"{name}_loss.png")
     md = markdown(table, meta)
     (out / f"{name}.md").write_text(md + "\n")
     print(md)

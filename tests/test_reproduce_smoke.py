@@ -44,6 +44,8 @@ def test_reproduce_runs_end_to_end_at_toy_size(tmp_path):
         assert json.loads((tmp_path / "work" / f"pseudo_{name}.json").read_text())["panoramas"] > 0
     md = (tmp_path / "out" / "reproduce_toy.md").read_text()
     assert "| baseline: constant depth |" in md and "fitted constant-distance baseline" in md
+    assert "Headline: the full recipe changes zero-shot B AbsRel" in md and "Dose-response" in md
+    assert (tmp_path / "out" / "reproduce_toy_loss.png").stat().st_size > 1000
 
 
 def test_sets_are_disjoint_and_sized_like_the_brief():
@@ -69,3 +71,30 @@ def test_constant_distance_faces_are_not_constant_on_a_face():
     faces = ev.constant_distance_faces(16).reshape(6, 16, 16)
     assert (faces[:, 0, 0] > faces[:, 8, 8]).all()  # planar disparity 1 / (r cos angle) grows to the corners
     assert faces.min() >= 1.0 - 1e-5 and faces.max() <= 3 ** 0.5 + 1e-3
+
+
+def test_a_claimed_run_is_skipped_by_a_second_process(tmp_path):
+    """Two stage commands on one working folder share the runs out: a run another process holds is not
+    trained twice, and a released claim (finished or crashed process) can be taken again."""
+    path = tmp_path / "run.claim"
+    other = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+                              f"import reproduce, time; fd = reproduce.claim_run(__import__('pathlib').Path("
+                              f"{str(path)!r})); print(fd is not None, flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "True"
+        assert reproduce.claim_run(path) is None
+    finally:
+        other.kill()
+        other.wait()
+    fd = reproduce.claim_run(path)  # the holder died: its lock went with it
+    assert fd is not None
+    __import__('os').close(fd)
+
+
+def test_plateau_check_tells_a_falling_loss_from_a_flat_one():
+    falling = [{"step": i, "losses": {"loss_labeled": 1.0 / (1 + i / 100)}} for i in range(10, 1001, 10)]
+    flat = [{"step": i, "losses": {"loss_labeled": 0.3 + 0.01 * (i % 20 == 0)}} for i in range(10, 1001, 10)]
+    assert reproduce.plateau(falling)["relative_change"] < -0.1
+    assert abs(reproduce.plateau(flat)["relative_change"]) < 0.02
+    assert reproduce.plateau(falling[:5]) is None
