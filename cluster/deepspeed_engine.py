@@ -13,7 +13,9 @@ Choices, and why:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -43,7 +45,13 @@ def init_distributed(device: torch.device) -> None:
     """Join (or reuse) the process group: Ray Train has usually created it already."""
     import deepspeed
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/pano-distill/torch_extensions").expanduser()))
+    # DeepSpeed JIT-builds its CPU communication extension on first use. One build folder per Python
+    # environment: two checkouts sharing one folder rebuilt it back and forth (its build file names the
+    # environment's paths), and a build killed meanwhile left torch's lock file, on which every later build
+    # waits forever.
+    env_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                          str(Path("~/.cache/pano-distill/torch_extensions").expanduser() / env_key))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
