@@ -41,6 +41,31 @@ def deepspeed_config(optim: OptimConfig, zero_stage: int, micro_batch: int, *, l
     }
 
 
+STALE_BUILD_LOCK_S = 900.0  # the extension builds in about 40 s; a lock this old belongs to a killed build
+
+
+def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch's extension-build lock files older than ``max_age_s`` under ``root`` (named in a warning).
+
+    torch (``FileBaton``) waits without end while another process's build holds ``<ext>/lock``; a build that
+    was killed (a timed-out job, a lost node) never removes it, and every later run would hang silently."""
+    import logging
+    import time
+
+    removed = []
+    for lock in sorted(Path(root).glob("*/lock")) if Path(root).is_dir() else []:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                logging.getLogger(__name__).warning(
+                    f"removed a stale extension-build lock {lock} ({age / 60:.0f} min old: its build was killed)")
+        except FileNotFoundError:  # another process finished or removed it meanwhile
+            continue
+    return removed
+
+
 def init_distributed(device: torch.device) -> None:
     """Join (or reuse) the process group: Ray Train has usually created it already."""
     import deepspeed
@@ -52,6 +77,7 @@ def init_distributed(device: torch.device) -> None:
     env_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                           str(Path("~/.cache/pano-distill/torch_extensions").expanduser() / env_key))
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 

@@ -75,3 +75,19 @@ def test_two_gloo_workers_match_each_other_and_one_process(tmp_path, stage):
         moved = (v - init[k]).abs().max().item()
         assert moved > 1e-4  # training did move the weights
         assert torch.allclose(r0[k], v, atol=1e-5 * max(1.0, moved) + 1e-6), f"{k}: {(r0[k] - v).abs().max()}"
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    import os
+    import time
+
+    from cluster.deepspeed_engine import clear_stale_build_locks
+
+    old, new = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (old, new):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_build_locks(tmp_path, max_age_s=900) == [old]
+    assert not old.exists() and new.exists()
+    assert clear_stale_build_locks(tmp_path / "missing") == []
