@@ -216,7 +216,7 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
         log(f"student: {row}, seed {seed}: being trained by another process, skipped here")
         return {}
     if scores.is_file():  # finished between the check above and the claim
-        os.close(claim)
+        claim.release()
         return json.loads(scores.read_text())
     lst = lambda xs: "[" + ",".join(xs) + "]"  # noqa: E731
     args = [f"run.out_dir={out}", f"run.seed={seed}", "run.progress=false", "run.ckpt_every=0", "run.log_every=50",
@@ -245,25 +245,21 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
     result = {"B": {**b["metrics_by_protocol"], "images": b["images"]},
               "U": ev.score(student_predictor(model), data["test_u"], s.height), "wall_s": round(time.time() - t0, 1)}
     scores.write_text(json.dumps(result, indent=2) + "\n")
-    os.close(claim)
+    claim.release()
     return result
 
 
-def claim_run(path: Path) -> int | None:
-    """An exclusive ``fcntl`` lock on ``path`` (a descriptor; closing it, or the process ending, releases it),
-    or None if another process holds it. Two ``--stage`` commands on one working folder thus share the runs
-    out between them (one per core) instead of training the same run twice."""
-    import fcntl
+def claim_run(path: Path):
+    """The run's ``student.checkpoint.Lock`` (``release()`` or the process ending frees it), or None if another
+    process holds it. Two ``--stage`` commands on one working folder thus share the runs out between them (one
+    per core) instead of training the same run twice."""
+    from sharding.cli import UserError
+    from student.checkpoint import Lock
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        return Lock(path, f"student run {path.stem}")
+    except UserError:
         return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 def oracle_rows(s: Scale) -> dict[str, dict]:

@@ -89,7 +89,7 @@ def test_a_claimed_run_is_skipped_by_a_second_process(tmp_path):
         other.wait()
     fd = reproduce.claim_run(path)  # the holder died: its lock went with it
     assert fd is not None
-    __import__('os').close(fd)
+    fd.release()
 
 
 def test_plateau_check_tells_a_falling_loss_from_a_flat_one():
