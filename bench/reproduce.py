@@ -267,14 +267,17 @@ def oracle_rows(s: Scale) -> dict[str, dict]:
             for n in s.oracle_noise}
 
 
-def stage_rows(stage: str, s: Scale) -> list[tuple[str, dict, list[int]]]:
+def stage_rows(stage: str, s: Scale, only: list[str] | None = None) -> list[tuple[str, dict, list[int]]]:
+    """(row, options, seeds) of one stage; ``only``: keep the rows whose name contains one of these texts."""
     if stage == "decisive":
-        return [(r, o, s.decisive_seeds) for r, o in DECISIVE.items()]
-    if stage == "ablation":
-        return [(r, o, s.seeds) for r, o in ABLATION.items()]
-    if stage == "oracle":  # labeled only of the same seeds is the decisive stage's (reused when done)
-        return [(BASE_ROW, DECISIVE[BASE_ROW], s.seeds)] + [(r, o, s.seeds) for r, o in oracle_rows(s).items()]
-    return []
+        rows = [(r, o, s.decisive_seeds) for r, o in DECISIVE.items()]
+    elif stage == "ablation":
+        rows = [(r, o, s.seeds) for r, o in ABLATION.items()]
+    elif stage == "oracle":  # labeled only of the same seeds is the decisive stage's (reused when done)
+        rows = [(BASE_ROW, DECISIVE[BASE_ROW], s.seeds)] + [(r, o, s.seeds) for r, o in oracle_rows(s).items()]
+    else:
+        rows = []
+    return [r for r in rows if not only or any(t in r[0] for t in only)]
 
 
 def all_rows(s: Scale) -> dict[str, dict]:
@@ -359,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--oracle-noise", type=float, nargs="+", default=None,
                     help="noise levels of the oracle dose-response (default 0 0.2 0.4)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run only these seeds (every row; e.g. a one-seed probe of a longer schedule)")
+    ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
+                    help="train only the rows whose name contains one of these (e.g. 'labeled only')")
     ap.add_argument("--fresh", action="store_true", help="delete the working folder first")
     args = ap.parse_args(argv)
     s = TOY if args.toy else Scale()
@@ -366,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         s.steps = args.steps
     if args.oracle_noise:
         s.oracle_noise = list(args.oracle_noise)
+    if args.seeds:
+        s.decisive_seeds = s.seeds = list(args.seeds)
     work = Path(args.work or Path("~/.cache/pano-distill/reproduce2").expanduser() / ("toy" if args.toy else "full"))
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -374,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     teacher = get_teacher(work, s, args)
     data = build_data(work, s)
-    pseudo = any(o.get("pseudo") for st in stages for _, o, _ in stage_rows(st, s))
+    pseudo = any(o.get("pseudo") for st in stages for _, o, _ in stage_rows(st, s, args.rows))
     stores = precompute_stores(work, data, teacher, s) if pseudo or "data" in stages else {}
     for stage in stages:
-        for row, opts, seeds in stage_rows(stage, s):
+        for row, opts, seeds in stage_rows(stage, s, args.rows):
             for seed in seeds:
                 student_run(work, row, opts, seed, data, stores, teacher, s)
     if "report" not in stages:

@@ -98,3 +98,13 @@ def test_plateau_check_tells_a_falling_loss_from_a_flat_one():
     assert reproduce.plateau(falling)["relative_change"] < -0.1
     assert abs(reproduce.plateau(flat)["relative_change"]) < 0.02
     assert reproduce.plateau(falling[:5]) is None
+
+
+def test_rows_filter_keeps_only_the_named_rows():
+    s = reproduce.Scale()
+    rows = reproduce.stage_rows("decisive", s, ["labeled only"])
+    assert [r for r, _, _ in rows] == [reproduce.BASE_ROW] and rows[0][2] == s.decisive_seeds
+    oracle = reproduce.stage_rows("oracle", s, ["noise 0.2"])
+    assert len(oracle) == 1 and oracle[0][1]["oracle_noise"] == 0.2
+    assert len(reproduce.stage_rows("ablation", s)) == len(reproduce.ABLATION)
+    assert reproduce.stage_rows("ablation", s, ["no such row"]) == []
