@@ -24,7 +24,9 @@ scenes stand in for datasets we cannot download here:
   "U" on held-out panoramas of the unlabeled mixture. Seeds of every set are disjoint (``SETS``,
   ``check_disjoint``).
 
-Students train with a cosine schedule to a plateau. Rows: the decisive pair (labeled only; + pseudo labels,
+Students train with a cosine schedule (1000 steps; ``--steps N`` for longer, in its own ``--work`` folder
+since run folders are named by row and seed only). The report's plateau check says how much the labeled
+loss still fell over the last 20% of the steps; the schedule is not stretched until it stops. Rows: the decisive pair (labeled only; + pseudo labels,
 rotation, masks) over 5 seeds, the ablations over 3; the oracle teacher (``teacher.mode=oracle``, exact
 per-face disparity, a random affine map per face and multiplicative noise at 0, 0.2, 0.4) with the full
 recipe, next to labeled only of the same seeds (the dose-response: how good must a teacher be?). Every
@@ -209,6 +211,7 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
 
     out = work / "runs" / run_name(row, seed)
     scores = out / "scores.json"
+    check_schedule(out, s)
     if scores.is_file():
         return json.loads(scores.read_text())
     claim = claim_run(work / "runs" / f"{run_name(row, seed)}.claim")
@@ -247,6 +250,20 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
     scores.write_text(json.dumps(result, indent=2) + "\n")
     claim.release()
     return result
+
+
+def check_schedule(run_dir: Path, s: Scale) -> None:
+    """Refuse to reuse a run folder trained for another number of steps: run folders are named by row and seed
+    only, so ``--steps 3000`` on a folder of 1000-step runs would otherwise report the old runs as new."""
+    import yaml
+
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        return
+    steps = (yaml.safe_load(cfg.read_text()) or {}).get("optim", {}).get("steps")
+    if steps is not None and int(steps) != s.steps:
+        raise SystemExit(f"{run_dir} was trained for {steps} steps, not {s.steps}: give this schedule its own "
+                         f"working folder (--work)")
 
 
 def claim_run(path: Path):
@@ -291,6 +308,7 @@ def collect_students(work: Path, s: Scale) -> dict[str, dict[int, dict]]:
         for seed in sorted(set(s.decisive_seeds) | set(s.seeds)):
             f = work / "runs" / run_name(row, seed) / "scores.json"
             if f.is_file():
+                check_schedule(f.parent, s)
                 out.setdefault(row, {})[seed] = json.loads(f.read_text())
     return out
 

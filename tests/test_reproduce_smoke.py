@@ -108,3 +108,13 @@ def test_rows_filter_keeps_only_the_named_rows():
     assert len(oracle) == 1 and oracle[0][1]["oracle_noise"] == 0.2
     assert len(reproduce.stage_rows("ablation", s)) == len(reproduce.ABLATION)
     assert reproduce.stage_rows("ablation", s, ["no such row"]) == []
+
+
+def test_a_run_folder_of_another_schedule_is_refused(tmp_path):
+    run_dir = tmp_path / "student_labeled_only-seed0"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("optim:\n  steps: 1000\n  lr: 0.002\n")
+    reproduce.check_schedule(run_dir, reproduce.Scale(steps=1000))  # the same schedule: reused
+    with pytest.raises(SystemExit, match="trained for 1000 steps, not 3000"):
+        reproduce.check_schedule(run_dir, reproduce.Scale(steps=3000))
+    reproduce.check_schedule(tmp_path / "not-trained-yet", reproduce.Scale(steps=3000))
