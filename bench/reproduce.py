@@ -27,9 +27,10 @@ scenes stand in for datasets we cannot download here:
 Students train with a cosine schedule (1000 steps; ``--steps N`` for longer, in its own ``--work`` folder
 since run folders are named by row and seed only). The report's plateau check says how much the labeled
 loss still fell over the last 20% of the steps; the schedule is not stretched until it stops. Rows: the
-decisive pair (labeled only; + pseudo labels, rotation, masks) over 5 seeds, the ablations over 3; the oracle teacher (``teacher.mode=oracle``, exact
-per-face disparity, a random affine map per face and multiplicative noise at 0, 0.2, 0.4) with the full
-recipe, next to labeled only of the same seeds (the dose-response: how good must a teacher be?). Every
+decisive pair (labeled only; + pseudo labels, rotation, masks) over 5 seeds, the ablations over 3; the
+oracle teacher (``teacher.mode=oracle``, exact per-face disparity, a random affine map per face and
+multiplicative noise at 0, 0.2, 0.4) with the full recipe, next to labeled only of the same seeds (the
+dose-response: how good must a teacher be?). Every
 student row gives its paired per-seed difference to labeled only with a 95% t-interval. Teacher rows: the
 teacher's six unrotated faces merged to 360 (Table 3's Depth Anything row) and each face fitted to the ground
 truth (what the teacher knows). Baseline rows, scored the same way: a content-free constant-depth prediction,
