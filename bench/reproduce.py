@@ -256,13 +256,13 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
 def check_schedule(run_dir: Path, s: Scale) -> None:
     """Refuse to reuse a run folder trained for another number of steps: run folders are named by row and seed
     only, so ``--steps 3000`` on a folder of 1000-step runs would otherwise report the old runs as new."""
-    import yaml
+    from student.config import load_config
 
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
         return
-    steps = (yaml.safe_load(cfg.read_text()) or {}).get("optim", {}).get("steps")
-    if steps is not None and int(steps) != s.steps:
+    steps = load_config(cfg).optim.steps
+    if steps != s.steps:
         raise SystemExit(f"{run_dir} was trained for {steps} steps, not {s.steps}: give this schedule its own "
                          f"working folder (--work)")
 
