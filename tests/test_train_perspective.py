@@ -76,6 +76,30 @@ def test_batch_targets_and_augmentation():
     assert aug.min() >= 0 and aug.max() <= 1
 
 
+def test_resample_blurs_rgb_like_a_half_size_face_and_keeps_the_target_sharp(monkeypatch):
+    import student.perspective_teacher.data as data
+
+    # photometric augmentation off, so that the RGB can be compared with the expected blur
+    monkeypatch.setattr(data, "photometric_augment", lambda x, g=None: x)
+    views = load_views("train", 8, 32, cache_dir="", progress=False)
+    plain = views.batch(range(8))
+    rgb = plain["rgb"]
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(rgb, 2), size=(32, 32), mode="bicubic",
+                                              align_corners=False).clamp(0, 1)
+
+    def run(p):
+        return views.batch(range(8), augment=True, generator=torch.Generator().manual_seed(2), resample=p)
+
+    always, never = run(1.0), run(0.0)
+    unflip = lambda b: torch.where((b["depth"] == plain["depth"]).all(-1).all(-1).view(-1, 1, 1, 1),  # noqa: E731
+                                   b["rgb"], b["rgb"].flip(-1))
+    assert torch.allclose(unflip(always), blurred, atol=1e-6)  # every view halved and resized back
+    assert torch.allclose(unflip(never), rgb)  # p = 0 leaves the RGB alone
+    assert not torch.allclose(blurred, rgb, atol=1e-3)
+    for b in (always, never):  # depth and target are the sharp ones (up to the shared horizontal flip)
+        same = (b["depth"] == plain["depth"]).all(-1).all(-1)
+        assert torch.equal(torch.where(same.view(-1, 1, 1), b["depth"], b["depth"].flip(-1)), plain["depth"])
+
 def test_toy_run_saves_a_folder_that_loads_like_any_teacher(tmp_path, offline):
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 

@@ -252,13 +252,18 @@ class PerspectiveViews:
         return int(self.rgb.shape[1])
 
     def batch(self, index, augment: bool = False, generator: torch.Generator | None = None,
-              downscale: int = 1) -> dict:
+              downscale: int = 1, resample: float = 0.0) -> dict:
         """{"pixel_values" (B, 3, S, S) normalised, "rgb" (B, 3, S, S) in [0, 1], "depth" (B, S, S) float32
         planar metres (0 invalid), "target" (B, S, S) normalised disparity (NaN invalid), "valid"}.
 
         ``downscale`` k > 1 gives S / k views (cheap low-resolution training steps): RGB is box-filtered;
         disparity is averaged over the valid pixels of each k x k block, and a block is valid only if all
-        of its pixels are (no blending across the sky boundary)."""
+        of its pixels are (no blending across the sky boundary).
+
+        ``resample`` p (with ``augment``): each view's RGB, with probability p, is box-filtered to half size
+        and resized back with bicubic interpolation, as the teacher server resizes a cube face rendered at
+        half the teacher's input size (the reproduction's 64-px faces into a 128-px teacher); depth and
+        target stay sharp, so the teacher learns to answer blurred faces with sharp disparity."""
         index = torch.as_tensor(index, dtype=torch.long)
         rgb = self.rgb[index].permute(0, 3, 1, 2).float() / 255.0
         depth = self.depth[index].float()
@@ -273,6 +278,14 @@ class PerspectiveViews:
             flip = torch.rand(len(index), generator=generator) < 0.5
             rgb = torch.where(flip.view(-1, 1, 1, 1), rgb.flip(-1), rgb)
             depth = torch.where(flip.view(-1, 1, 1), depth.flip(-1), depth)
+            if resample > 0:
+                soft = torch.rand(len(index), generator=generator) < resample
+                if bool(soft.any()):
+                    size = rgb.shape[-2:]
+                    low = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(rgb[soft], 2), size=size,
+                                                          mode="bicubic", align_corners=False)
+                    rgb = rgb.clone()
+                    rgb[soft] = low.clamp(0.0, 1.0)
             rgb = photometric_augment(rgb, generator)
         target, valid = depth_to_target(depth)
         return {"pixel_values": normalize_image(rgb), "rgb": rgb, "depth": depth, "target": target,

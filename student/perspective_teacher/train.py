@@ -131,7 +131,7 @@ def lr_at(step: int, frac: float, lr: float, warmup: int) -> float:
 def train_loop(model, train: PerspectiveViews, val_small: PerspectiveViews | None, *, seconds: float,
                max_steps: int | None = None, batch_size: int = 16, lr: float = 1e-3, warmup: int = 100,
                seed: int = 0, augment: bool = True, clock=time.monotonic, val_every_s: float = 60.0,
-               low_res: float = 0.0, log=None, progress: bool = True) -> dict:
+               low_res: float = 0.0, resample: float = 0.0, log=None, progress: bool = True) -> dict:
     """Adam on the affine-invariant loss until ``seconds`` of ``clock`` have passed or ``max_steps`` steps.
 
     The first ``low_res`` fraction of the budget trains on views downscaled 2x (four times cheaper steps;
@@ -170,7 +170,8 @@ def train_loop(model, train: PerspectiveViews, val_small: PerspectiveViews | Non
         for g in opt.param_groups:
             g["lr"] = lr_at(step, frac, lr, warmup)
         idx = torch.randint(0, len(train), (batch_size,), generator=gen)
-        b = train.batch(idx, augment=augment, generator=gen, downscale=2 if frac < low_res else 1)
+        b = train.batch(idx, augment=augment, generator=gen, downscale=2 if frac < low_res else 1,
+                          resample=resample)
         pred = model(pixel_values=b["pixel_values"]).predicted_depth
         loss = affine_invariant_loss(pred, b["target"], b["valid"])
         if not torch.isfinite(loss):
@@ -224,6 +225,10 @@ def parse_args(argv=None):
     p.add_argument("--low-res", type=float, default=0.0,
                    help="fraction of the training budget spent on views downscaled 2x (cheaper steps)")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--resample", type=float, default=0.0,
+                   help="probability that a training view's RGB is halved and resized back (bicubic): the "
+                        "blur of a cube face rendered at half the teacher's input size, as the reproduction's "
+                        "64-px faces are for a 128-px teacher")
     p.add_argument("--variety", choices=VARIETIES, default="styles",
                    help="training scenes: styles = the three named styles; broad = half of them from "
                         "sharding.synthetic_scenes.broad_style (room size, clutter, lights, palettes); "
@@ -324,7 +329,7 @@ def train_teacher(argv=None) -> dict:
     hist = train_loop(model, train, val_small, seconds=seconds, max_steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, warmup=args.warmup, seed=args.seed, augment=not args.no_augment, clock=clock,
                       val_every_s=max(5.0, seconds / 20) if args.steps is None else 1e9, low_res=args.low_res,
-                      log=log_record, progress=progress)
+                      resample=args.resample, log=log_record, progress=progress)
     metrics_file.close()
 
     val_m = evaluate_disparity(predict(model, val), val)
@@ -364,7 +369,7 @@ def train_teacher(argv=None) -> dict:
         "baselines": base,
         "train": {"steps": hist["steps"], "views": len(train), "batch_size": args.batch_size, "lr": args.lr,
                   "seed": args.seed, "augment": not args.no_augment, "low_res": args.low_res,
-                  "threads": args.threads,
+                  "resample": args.resample, "threads": args.threads,
                   "clock": args.clock, "data_s": round(t_data, 1), "train_s": round(hist["seconds"], 1),
                   "wall_s": round(wall, 1), "final_train_loss": (sum(hist["loss"][-50:]) /
                                                                  max(1, len(hist["loss"][-50:])))},
