@@ -182,17 +182,55 @@ def precompute_stores(work: Path, data: dict, teacher: Path, s: Scale) -> dict[s
     from teacher_server.precompute import precompute
 
     stores = {}
+    fp = teacher_fingerprint(teacher)
     for name, (k, deg) in {"rotated": (s.rotations, 45.0), "unrotated": (1, 0.0)}.items():
         path = work / f"pseudo_{name}.lmdb"
         stores[name] = str(path)
-        if (work / f"pseudo_{name}.json").is_file():
+        done = work / f"pseudo_{name}.json"
+        if done.is_file():
+            made_by = json.loads(done.read_text()).get("teacher_sha256")
+            if made_by != fp:
+                raise SystemExit(f"{path} holds the pseudo labels of another teacher ({made_by or 'not recorded'}; "
+                                 f"{teacher} is {fp}): give this teacher its own working folder (--work)")
             continue
         log(f"teacher: caching pseudo labels ({name}, {k} cube(s) per panorama)")
         summary = precompute(data["unlabeled"], str(path), rotations=k, model=str(teacher), face_size=s.face,
                              input_size=teacher_input_size(teacher), seed=0, max_deg=deg, replicas=0,
                              height=s.height, device="cpu")
-        (work / f"pseudo_{name}.json").write_text(json.dumps(summary, indent=2, default=str))
+        done.write_text(json.dumps({**summary, "teacher": str(teacher), "teacher_sha256": fp}, indent=2, default=str))
     return stores
+
+
+def teacher_fingerprint(teacher: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the teacher's weight files: what its pseudo labels, the
+    students trained on them and its scored rows are keyed by (the folder's path stays the same when the
+    weights are retrained)."""
+    import hashlib
+
+    key = hashlib.sha256()
+    files = sorted(teacher.glob("*.safetensors")) + sorted(teacher.glob("*.bin"))
+    if not files:
+        raise SystemExit(f"error: teacher folder {teacher} has no weight files (*.safetensors, *.bin)")
+    for f in files:
+        key.update(f.read_bytes())
+    return key.hexdigest()[:16]
+
+
+def uses_teacher(opts: dict) -> bool:
+    """Whether a row's students learn from the teacher's pseudo labels (not labeled only, not the oracle)."""
+    return bool(opts.get("pseudo")) and opts.get("oracle_noise") is None
+
+
+def check_teacher(run_dir: Path, opts: dict, fp: str) -> None:
+    """Refuse to reuse or report a pseudo-label run of another teacher (``teacher.json`` in its folder, written
+    when it was trained): run folders are named by row and seed only, like ``check_schedule``'s."""
+    if not uses_teacher(opts) or not (run_dir / "eval.json").is_file():
+        return
+    f = run_dir / "teacher.json"
+    made_by = json.loads(f.read_text()).get("teacher_sha256") if f.is_file() else None
+    if made_by != fp:
+        raise SystemExit(f"{run_dir} was trained on the pseudo labels of another teacher ({made_by or 'not recorded'}, "
+                         f"not {fp}): give this teacher its own working folder (--work)")
 
 
 # --------------------------------------------------------------------------------------- students
@@ -213,6 +251,8 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
     out = work / "runs" / run_name(row, seed)
     scores = out / "scores.json"
     check_schedule(out, s)
+    fp = teacher_fingerprint(teacher)
+    check_teacher(out, opts, fp)
     if scores.is_file():
         return json.loads(scores.read_text())
     claim = claim_run(work / "runs" / f"{run_name(row, seed)}.claim")
@@ -244,6 +284,8 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
             shutil.rmtree(out)
         log(f"student: {row}, seed {seed}")
         run([sys.executable, "-m", "student.train", *args], work / "runs" / f"{run_name(row, seed)}.log")
+        if uses_teacher(opts):
+            (out / "teacher.json").write_text(json.dumps({"teacher": str(teacher), "teacher_sha256": fp}) + "\n")
     model, _, _ = load_student(out, torch.device("cpu"))
     b = json.loads((out / "eval.json").read_text())
     result = {"B": {**b["metrics_by_protocol"], "images": b["images"]},
@@ -302,14 +344,16 @@ def all_rows(s: Scale) -> dict[str, dict]:
     return {**DECISIVE, **ABLATION, **oracle_rows(s)}
 
 
-def collect_students(work: Path, s: Scale) -> dict[str, dict[int, dict]]:
+def collect_students(work: Path, s: Scale, teacher: Path) -> dict[str, dict[int, dict]]:
     """Scores of every student run that has finished, by row and seed."""
     out: dict[str, dict[int, dict]] = {}
-    for row in all_rows(s):
+    fp = teacher_fingerprint(teacher)
+    for row, opts in all_rows(s).items():
         for seed in sorted(set(s.decisive_seeds) | set(s.seeds)):
             f = work / "runs" / run_name(row, seed) / "scores.json"
             if f.is_file():
                 check_schedule(f.parent, s)
+                check_teacher(f.parent, opts, fp)
                 out.setdefault(row, {})[seed] = json.loads(f.read_text())
     return out
 
@@ -411,10 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     if "report" not in stages:
         log(f"stage {args.stage} done in {(time.time() - t0) / 60:.1f} min")
         return 0
-    results = {**cached_fixed_rows(work, teacher, data, s), **collect_students(work, s)}
+    results = {**cached_fixed_rows(work, teacher, data, s), **collect_students(work, s, teacher)}
     table = summarise(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "scale": asdict(s), "teacher": str(teacher),
-            "mix": list(MIX),
+            "teacher_sha256": teacher_fingerprint(teacher), "mix": list(MIX),
             "sets": {f"{n}/{st}": [r.start, r.stop - 1] for (n, st), r in seed_ranges(s).items()},
             "report_s": round(time.time() - t0, 1), "cores": os.cpu_count(), "load_avg_end": os.getloadavg(),
             "work": str(work), "student_wall_s": {row: {str(k): v.get("wall_s") for k, v in r.items()}

@@ -42,6 +42,11 @@ def test_reproduce_runs_end_to_end_at_toy_size(tmp_path):
     assert (tmp_path / "work" / "teacher" / "config.json").is_file()
     for name in ("rotated", "unrotated"):
         assert json.loads((tmp_path / "work" / f"pseudo_{name}.json").read_text())["panoramas"] > 0
+    # pseudo labels, their students and the report name the teacher's weights they came from
+    fp = reproduce.teacher_fingerprint(tmp_path / "work" / "teacher")
+    assert result["meta"]["teacher_sha256"] == fp
+    run = tmp_path / "work" / "runs" / reproduce.run_name("+ pseudo labels, rotation, masks", 0)
+    assert json.loads((run / "teacher.json").read_text())["teacher_sha256"] == fp
     md = (tmp_path / "out" / "reproduce_toy.md").read_text()
     assert "| baseline: constant depth |" in md and "fitted constant-distance baseline" in md
     assert "Headline: the full recipe changes zero-shot B AbsRel" in md and "Dose-response" in md
@@ -118,3 +123,38 @@ def test_a_run_folder_of_another_schedule_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="trained for 1000 steps, not 3000"):
         reproduce.check_schedule(run_dir, reproduce.Scale(steps=3000))
     reproduce.check_schedule(tmp_path / "not-trained-yet", reproduce.Scale(steps=3000))
+
+
+def test_pseudo_labels_and_runs_of_another_teacher_are_refused(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"weights one")
+    fp = reproduce.teacher_fingerprint(teacher)
+    assert len(fp) == 16
+    full = reproduce.DECISIVE["+ pseudo labels, rotation, masks"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "eval.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not recorded"):  # a trained pseudo-label run must say its teacher
+        reproduce.check_teacher(run_dir, full, fp)
+    (run_dir / "teacher.json").write_text(json.dumps({"teacher_sha256": fp}))
+    reproduce.check_teacher(run_dir, full, fp)  # the same teacher: reused
+    (teacher / "model.safetensors").write_bytes(b"weights two")  # the same folder, retrained
+    fp2 = reproduce.teacher_fingerprint(teacher)
+    assert fp2 != fp
+    with pytest.raises(SystemExit, match=f"another teacher \\({fp}, not {fp2}\\)"):
+        reproduce.check_teacher(run_dir, full, fp2)
+    # rows that do not learn from the teacher are not tied to it
+    reproduce.check_teacher(run_dir, reproduce.DECISIVE[reproduce.BASE_ROW], fp2)
+    reproduce.check_teacher(run_dir, {"oracle_noise": 0.2, "pseudo": True}, fp2)
+    # the cached pseudo-label stores: made by the first teacher, refused for the second
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("rotated", "unrotated"):
+        (work / f"pseudo_{name}.json").write_text(json.dumps({"teacher_sha256": fp}))
+    with pytest.raises(SystemExit, match="pseudo labels of another teacher"):
+        reproduce.precompute_stores(work, {}, teacher, reproduce.TOY)
+    (teacher / "model.safetensors").write_bytes(b"weights one")
+    assert set(reproduce.precompute_stores(work, {}, teacher, reproduce.TOY)) == {"rotated", "unrotated"}
+    with pytest.raises(SystemExit, match="no weight files"):
+        reproduce.teacher_fingerprint(tmp_path)
