@@ -100,12 +100,13 @@ def test_resample_blurs_rgb_like_a_half_size_face_and_keeps_the_target_sharp(mon
         same = (b["depth"] == plain["depth"]).all(-1).all(-1)
         assert torch.equal(torch.where(same.view(-1, 1, 1), b["depth"], b["depth"].flip(-1)), plain["depth"])
 
+
 def test_toy_run_saves_a_folder_that_loads_like_any_teacher(tmp_path, offline):
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     out = tmp_path / "teacher"
     info = train_teacher(["--out", str(out), "--views", "12", "--val-views", "4", "--size", "64", "--width", "tiny",
-                 "--steps", "3", "--batch-size", "4", "--cache", "", "--quiet"])
+                 "--steps", "3", "--batch-size", "4", "--cache", "", "--quiet", "--resample", "0.5"])
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "pano_distill.json",
                  "README.md", "loss_curve.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
@@ -113,6 +114,7 @@ def test_toy_run_saves_a_folder_that_loads_like_any_teacher(tmp_path, offline):
     assert meta["input_size"] == 64 and meta["command"].startswith("python -m student.perspective_teacher.train")
     assert np.isfinite(meta["val_abs_rel"]) and set(meta) == set(info)
     assert set(meta["baselines"]) == {"random_init", "constant", "mean_train_disparity"}
+    assert meta["train"]["resample"] == 0.5 and "50% of the views the RGB was halved" in (out / "README.md").read_text()
     model = AutoModelForDepthEstimation.from_pretrained(out)
     proc = AutoImageProcessor.from_pretrained(out)
     assert list(proc.image_mean) == pytest.approx(meta["image_mean"])

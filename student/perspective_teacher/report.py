@@ -63,6 +63,8 @@ def write_readme(out: Path, info: dict) -> None:
     else:
         budget = (f"wall time {t['wall_s'] / 60:.1f} min for the whole command ({t['train_s'] / 60:.1f} min of "
                   f"training) on {t['threads']} CPU thread(s)")
+    resample_note = (f"; for {t['resample']:.0%} of the views the RGB was halved and resized back (`--resample`: "
+                     "the blur of a cube face rendered at half the input size)") if t.get("resample") else ""
     text = f"""# {out.name}: a small perspective depth teacher for generated scenes
 
 A small depth network trained {'further' if info.get('init') else 'from scratch'} that predicts **relative disparity** (larger = closer) of a
@@ -91,7 +93,7 @@ mean/std of `preprocessor_config.json`. Input size: {info['input_size']} px (`pa
 {info['trained_on']}.{init_note} Adam (lr {t['lr']}, warm-up then cosine decay), batch {t['batch_size']}, the
 affine-invariant loss (`panorama.depth_math.affine_invariant_loss`) against `normalize_disparity(1 / depth)`
 over valid pixels, random horizontal flips and photometric augmentation (channel permutation, grayscale,
-saturation, gains, brightness, contrast, gamma, noise). {t['steps']} steps; {budget}.
+saturation, gains, brightness, contrast, gamma, noise){resample_note}. {t['steps']} steps; {budget}.
 
 ## Validation
 
