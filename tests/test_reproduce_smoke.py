@@ -158,3 +158,19 @@ def test_pseudo_labels_and_runs_of_another_teacher_are_refused(tmp_path):
     assert set(reproduce.precompute_stores(work, {}, teacher, reproduce.TOY)) == {"rotated", "unrotated"}
     with pytest.raises(SystemExit, match="no weight files"):
         reproduce.teacher_fingerprint(tmp_path)
+
+
+def test_the_teacher_goal_verdict_is_not_rounded_into_a_pass():
+    from _reproduce_report import markdown
+
+    def row(b):
+        v = {"mean": b, "std": 0.0, "values": [b]}
+        return {"n": 1, "seeds": ["-"], **{f"{s}/{p}/{m}": v for s in "BU" for p in ("lstsq", "median")
+                                            for m in ("abs_rel", "delta1")}}
+
+    meta = {"scale": reproduce.asdict(reproduce.Scale()), "mix": list(reproduce.MIX)}
+    for fitted, verdict in ((0.0829, "0.602 x the fitted constant-distance baseline (0.1378; goal <= 0.6 x: not met)"),
+                            (0.0826, "0.599 x the fitted constant-distance baseline (0.1378; goal <= 0.6 x: met)")):
+        md = markdown({"teacher on cube faces, each face fitted to GT": row(fitted),
+                       "baseline: constant distance, each face fitted to GT": row(0.1378)}, meta)
+        assert verdict in md
