@@ -37,6 +37,11 @@ truth (what the teacher knows). Baseline rows, scored the same way: a content-fr
 and the per-face fit applied to a constant-distance prediction (what the fit alone achieves). Metrics: the
 reference code's ``lstsq`` protocol first, ``median`` beside it. Results: ``bench/results/reproduce.json``
 and ``reproduce.md`` (``reproduce_toy.*`` for ``--toy``), reported as measured.
+
+The cached pseudo labels and the students trained on them record the SHA-256 of the teacher's weights
+(``teacher_fingerprint``), and a working folder refuses another teacher's: a retrained teacher gets its own
+``--work`` folder (labeled-only and oracle runs do not depend on it and can be linked in), and
+``bench/compare_teachers.py`` pairs the two teachers' students seed for seed.
 """
 
 from __future__ import annotations
