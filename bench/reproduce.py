@@ -207,9 +207,9 @@ def precompute_stores(work: Path, data: dict, teacher: Path, s: Scale) -> dict[s
 
 
 def teacher_fingerprint(teacher: Path) -> str:
-    """The first 16 hex digits of the SHA-256 of the teacher's weight files: what its pseudo labels, the
-    students trained on them and its scored rows are keyed by (the folder's path stays the same when the
-    weights are retrained)."""
+    """The first 16 hex digits of the SHA-256 of the teacher's weight files: what its pseudo labels and the
+    students trained on them are keyed by (the folder's path stays the same when the weights are retrained;
+    ``cached_fixed_rows`` hashes the same files for the teacher rows)."""
     import hashlib
 
     key = hashlib.sha256()
