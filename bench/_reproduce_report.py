@@ -11,6 +11,7 @@ import _evidence as ev
 
 BASE_ROW = "student, labeled only"
 FULL_ROW = "+ pseudo labels, rotation, masks"
+FITTED_ROW = "teacher on cube faces, each face fitted to GT"
 
 
 def plateau(records: list[dict], key: str = "loss_labeled") -> dict | None:
@@ -99,7 +100,7 @@ def markdown(table: dict, meta: dict) -> str:
         lines.append(f"| {row} | {n} | {cell(t['B/lstsq/abs_rel'])} | {cell(t['B/median/abs_rel'])} | "
                      f"{cell(t['B/lstsq/delta1'])} | {cell(t['U/lstsq/abs_rel'])} | {cell(t['U/median/abs_rel'])} | "
                      f"{diff(t.get('B/paired_vs_labeled_only'))} | {diff(t.get('U/paired_vs_labeled_only'))} |")
-    fit, const = (table.get("teacher on cube faces, each face fitted to GT"),
+    fit, const = (table.get(FITTED_ROW),
                   table.get("baseline: constant distance, each face fitted to GT"))
     if fit and const:
         f, c = fit["B/lstsq/abs_rel"]["mean"], const["B/lstsq/abs_rel"]["mean"]

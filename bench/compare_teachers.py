@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 import _evidence as ev
-
-FITTED = "teacher on cube faces, each face fitted to GT"
+from _reproduce_report import FITTED_ROW as FITTED
+from reproduce import Scale, all_rows, uses_teacher
 
 
 def compare(weaker: dict, stronger: dict) -> dict:
@@ -30,8 +30,9 @@ def compare(weaker: dict, stronger: dict) -> dict:
     teachers = {name: {split: rep["table"][FITTED][f"{split}/lstsq/abs_rel"]["mean"] for split in ("B", "U")}
                 for name, rep in (("weaker", weaker), ("stronger", stronger)) if FITTED in rep["table"]}
     rows = {}
+    learners = {row for row, opts in all_rows(Scale()).items() if uses_teacher(opts)}
     for row, per_seed in stronger["per_seed"].items():
-        if not row.startswith("+ pseudo labels") or row not in weaker["per_seed"]:
+        if row not in learners or row not in weaker["per_seed"]:
             continue
         rows[row] = {split: ev.paired_difference({k: v[split]["lstsq"]["abs_rel"] for k, v in per_seed.items()},
                                                  {k: v[split]["lstsq"]["abs_rel"]

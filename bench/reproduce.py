@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 import _evidence as ev  # noqa: E402  (bench/, first on sys.path when run as a script)
 from _child import child_env  # noqa: E402
-from _reproduce_report import BASE_ROW, markdown, plateau, plot_curves, summarise  # noqa: E402,F401
+from _reproduce_report import BASE_ROW, FITTED_ROW, markdown, plateau, plot_curves, summarise  # noqa: E402,F401
 
 V2_TEACHER = ROOT / "teacher_server" / "weights" / "pano-distill-perspective-v2"
 MIX = ("apartment", "house", "office")
@@ -209,7 +209,13 @@ def precompute_stores(work: Path, data: dict, teacher: Path, s: Scale) -> dict[s
 def teacher_fingerprint(teacher: Path) -> str:
     """The first 16 hex digits of the SHA-256 of the teacher's weight files: what its pseudo labels and the
     students trained on them are keyed by (the folder's path stays the same when the weights are retrained;
-    ``cached_fixed_rows`` hashes the same files for the teacher rows)."""
+    ``cached_fixed_rows`` keys the teacher rows by the same digest)."""
+    return weights_digest(teacher).hexdigest()[:16]
+
+
+def weights_digest(teacher: Path):
+    """A running SHA-256 over the teacher's weight files, in name order (one digest across files, so that
+    ``cached_fixed_rows`` can add its own key parts to it)."""
     import hashlib
 
     key = hashlib.sha256()
@@ -218,7 +224,7 @@ def teacher_fingerprint(teacher: Path) -> str:
         raise SystemExit(f"error: teacher folder {teacher} has no weight files (*.safetensors, *.bin)")
     for f in files:
         key.update(f.read_bytes())
-    return key.hexdigest()[:16]
+    return key
 
 
 def uses_teacher(opts: dict) -> bool:
@@ -374,7 +380,7 @@ def fixed_rows(teacher: Path, data: dict, s: Scale) -> dict[str, dict]:
     tests = {"B": data["test_b"], "U": data["test_u"]}
     rows = {
         "teacher on cube faces, merged": lambda m: ev.score(teacher_cube_predictor(backend, s.face), m, s.height),
-        "teacher on cube faces, each face fitted to GT": lambda m: ev.face_fitted_scores(
+        FITTED_ROW: lambda m: ev.face_fitted_scores(
             ev.teacher_face_answers(backend), m, s.height, s.face),
         "baseline: constant distance, each face fitted to GT": lambda m: ev.face_fitted_scores(
             ev.constant_distance_answers(s.face), m, s.height, s.face),
@@ -405,11 +411,7 @@ def training_curves(work: Path, s: Scale) -> dict[str, dict[int, dict]]:
 def cached_fixed_rows(work: Path, teacher: Path, data: dict, s: Scale) -> dict[str, dict]:
     """``fixed_rows``, computed once per (teacher weights, test sets, sizes): a report rerun while students
     still train costs seconds, and a changed teacher is never scored from a stale cache."""
-    import hashlib
-
-    key = hashlib.sha256()
-    for f in sorted(teacher.glob("*.safetensors")) + sorted(teacher.glob("*.bin")):
-        key.update(f.read_bytes())
+    key = weights_digest(teacher)
     key.update(json.dumps([data["test_b"], data["test_u"], s.height, s.face]).encode())
     path = work / f"fixed_rows-{key.hexdigest()[:16]}.json"
     if path.is_file():

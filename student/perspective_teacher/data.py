@@ -280,12 +280,9 @@ class PerspectiveViews:
             depth = torch.where(flip.view(-1, 1, 1), depth.flip(-1), depth)
             if resample > 0:
                 soft = torch.rand(len(index), generator=generator) < resample
-                if bool(soft.any()):
-                    size = rgb.shape[-2:]
-                    low = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(rgb[soft], 2), size=size,
-                                                          mode="bicubic", align_corners=False)
-                    rgb = rgb.clone()
-                    rgb[soft] = low.clamp(0.0, 1.0)
+                low = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(rgb, 2), size=rgb.shape[-2:],
+                                                      mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+                rgb = torch.where(soft.view(-1, 1, 1, 1), low, rgb)
             rgb = photometric_augment(rgb, generator)
         target, valid = depth_to_target(depth)
         return {"pixel_values": normalize_image(rgb), "rgb": rgb, "depth": depth, "target": target,
