@@ -14,7 +14,7 @@ Placement, so that losing any worker node loses no run: workers go only on nodes
 (Ray Train's controller, which Ray puts on the driver's node, and the teacher service, pinned here to the
 head) live on the head, where ``ray job submit`` runs the driver. A lost student node costs a worker-group
 restart from the last checkpoint; a lost teacher node costs replica restarts inside the service. When no
-node offers ``cluster.teacher_resources`` for ``PANO_DISTILL_TEACHER_WAIT_S`` seconds (default 300: time for
+node offers ``cluster.teacher_resources`` for ``cluster.teacher_wait_s`` seconds (default 300: time for
 an autoscaler to bring one back), the run stops with ``TeacherNodesLost`` instead of waiting forever.
 
 Worker: exactly the single-process assembly (``student.session.run_training_process``) with a
@@ -39,7 +39,6 @@ from student.config import TrainConfig, from_dict, to_dict
 log = logging.getLogger("pano_distill.cluster")
 
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head advertises it (Ray's own singletons use it too)
-TEACHER_WAIT_ENV = "PANO_DISTILL_TEACHER_WAIT_S"
 
 
 class TeacherNodesLost(UserError):
@@ -144,18 +143,6 @@ def _teacher_service(cfg: TrainConfig):
     return service.ServiceClient(handle)
 
 
-def teacher_wait_s(cfg: TrainConfig) -> float:
-    """How long a run waits for a node offering ``cluster.teacher_resources`` to (re)appear."""
-    value = getattr(cfg.cluster, "teacher_wait_s", None)  # a config field, where the configuration has one
-    if value is None:
-        raw = os.environ.get(TEACHER_WAIT_ENV, "300")
-        try:
-            value = float(raw)
-        except ValueError:
-            raise UserError(f"{TEACHER_WAIT_ENV}={raw!r} is not a number of seconds") from None
-    return float(value)
-
-
 class TeacherNodeWatch:
     """Notices when no alive node of the cluster offers ``resource`` (the teacher nodes) for ``wait_s``.
 
@@ -195,7 +182,7 @@ class TeacherNodeWatch:
         return (f"no node of the Ray cluster has offered the teacher resource {self.resource!r} "
                 f"(cluster.teacher_resources) for {waited_s:.0f} s: every teacher node is gone, so no "
                 f"pseudo label can be computed. Add teacher nodes (or let the autoscaler add them) and run the "
-                f"same command again: it resumes from the last checkpoint. The wait is set by {TEACHER_WAIT_ENV}.")
+                f"same command again: it resumes from the last checkpoint. The wait is cluster.teacher_wait_s.")
 
     def lost(self) -> str | None:
         """The failure's message if no teacher node is alive right now (whatever the wait), else None."""
@@ -291,7 +278,7 @@ def run_cluster(cfg: TrainConfig) -> dict:
         pool = _teacher_service(cfg)
         watch = None
         if pool is not None and cfg.cluster.teacher_resources:
-            watch = TeacherNodeWatch(cfg.cluster.teacher_resources, teacher_wait_s(cfg))
+            watch = TeacherNodeWatch(cfg.cluster.teacher_resources, cfg.cluster.teacher_wait_s)
         run_dir = Path(cfg.run.out_dir).expanduser().resolve()
         cfg.run.out_dir = str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

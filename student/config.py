@@ -189,6 +189,8 @@ class ClusterConfig:
     max_failures: int = opt(2, "worker failures tolerated (restart from the last checkpoint)")
     teacher_resources: str = opt("", "custom resource of teacher nodes, e.g. teacher_node")
     student_resources: str = opt("", "custom resource of student nodes, e.g. student_node")
+    teacher_wait_s: float = opt(300.0, "seconds a run waits for a node offering teacher_resources when none "
+                                       "is left (an autoscaler may bring one back), then stops: TeacherNodesLost")
     metrics_port: int = opt(8081, "worker r exports Prometheus metrics on metrics_port + r; -1 off")
     allow_resize: bool = opt(False, "accept a different worker count than the checkpoint's")
 
@@ -227,7 +229,8 @@ class TrainConfig:
                     "distill.face_size": (self.distill.face_size, 0), "run.ckpt_every": (self.run.ckpt_every, 0),
                     "optim.warmup_steps": (self.optim.warmup_steps, 0), "optim.max_nonfinite": (self.optim.max_nonfinite, 1),
                     "data.num_workers": (self.data.num_workers, 0), "teacher.input_size": (self.teacher.input_size, 1),
-                    "cluster.num_workers": (self.cluster.num_workers, 0)}
+                    "cluster.num_workers": (self.cluster.num_workers, 0),
+                    "cluster.teacher_wait_s": (self.cluster.teacher_wait_s, 0)}
         for key, (value, low) in at_least.items():
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")

@@ -245,16 +245,15 @@ def test_teacher_node_watch_waits_for_a_teacher_node_then_fails_clearly():
     assert watch.lost() is None and watch.check(now=231.0) is None
 
 
-def test_teacher_wait_comes_from_the_environment(monkeypatch):
-    from cluster.launch import TEACHER_WAIT_ENV, teacher_wait_s
-    from sharding.cli import UserError
-    from student.config import TrainConfig
+def test_teacher_wait_is_a_config_field():
+    from student.config import ConfigError, TrainConfig, load_config
 
-    monkeypatch.setenv(TEACHER_WAIT_ENV, "12.5")
-    assert teacher_wait_s(TrainConfig()) == 12.5
-    monkeypatch.setenv(TEACHER_WAIT_ENV, "soon")
-    with pytest.raises(UserError, match=TEACHER_WAIT_ENV):
-        teacher_wait_s(TrainConfig())
+    assert TrainConfig().cluster.teacher_wait_s == 300.0
+    assert load_config(None, ["cluster.teacher_wait_s=12.5"]).cluster.teacher_wait_s == 12.5
+    with pytest.raises(ConfigError, match="cluster.teacher_wait_s must be a number"):
+        load_config(None, ["cluster.teacher_wait_s=soon"])
+    with pytest.raises(ConfigError, match="cluster.teacher_wait_s must be >= 0"):
+        load_config(None, ["cluster.teacher_wait_s=-1"])
 
 
 def test_a_workers_user_error_is_found_behind_rays_wrappers():

@@ -11,7 +11,7 @@ submitted as a Ray job with 2 DeepSpeed workers (``cluster.student_resources``) 
 * then the teacher node hosting a replica: the replica is restarted on the other teacher node and no
   teacher request is lost or answered twice;
 * in a second run, every teacher node: the run stops with a clear error after a bounded wait (the job
-  sets ``PANO_DISTILL_TEACHER_WAIT_S``), instead of hanging.
+  sets ``cluster.teacher_wait_s``), instead of hanging.
 
 ``ray job submit`` works here on loopback, with two adjustments for several raylets on one machine: the
 head's temp dir gets the ``ray_current_cluster`` file that ``ray start --head`` would write (the job's driver
@@ -131,13 +131,12 @@ class Job:
         # runtime-env agent deletes the unpacked package when *its* last user goes, under the feet of the
         # others (a driver lost teacher_server/models.py mid-import). The code is installed on every node,
         # as cluster/runtime_env.yaml assumes, so the job needs only the environment variables.
-        runtime_env = {"env_vars": dict(shipped["env_vars"], PANO_DISTILL_TEACHER_WAIT_S=str(TEACHER_WAIT_S),
-                                        HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")}
+        runtime_env = {"env_vars": dict(shipped["env_vars"], HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")}
         args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "cluster.num_workers=2", "cluster.student_resources=student_node",
                 "teacher.mode=ray", "teacher.replicas=2", "cluster.teacher_resources=teacher_node",
                 "teacher.cpus_per_replica=1", f"run.out_dir={run}", f"optim.steps={STEPS}",
                 f"run.ckpt_every={CKPT_EVERY}", "run.log_every=1", "cluster.metrics_port=-1", "data.num_workers=1",
-                "run.progress=false", "cluster.max_failures=3", *overrides]
+                "run.progress=false", "cluster.max_failures=3", f"cluster.teacher_wait_s={TEACHER_WAIT_S}", *overrides]
         # the job's python is this test's interpreter (the project's virtual environment)
         entrypoint = " ".join([sys.executable, "-m", "student.train", *args])
         entrypoint = f"cd {ROOT} && {entrypoint}"
