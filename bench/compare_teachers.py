@@ -77,6 +77,8 @@ def ladder(reports: dict[str, dict]) -> dict:
     rows = {}
     for row in sorted(learners & set.intersection(*(set(rep["per_seed"]) for rep in reports.values()))):
         seeds = sorted(set.intersection(*(set(reports[n]["per_seed"][row]) for n in order)), key=str)
+        if not seeds:  # no seed trained under every teacher: nothing to pair
+            continue
         rows[row] = {}
         for split in ("B", "U"):
             per = {n: {k: reports[n]["per_seed"][row][k][split]["lstsq"]["abs_rel"] for k in seeds} for n in order}

@@ -64,3 +64,5 @@ def test_ladder_refuses_what_it_cannot_compare():
         ct.ladder({"a": report({"0": 0.1}, 0.1), "b": report({"0": 0.1}, 0.09, scale={"steps": 3000})})
     with pytest.raises(SystemExit, match="same fitted"):
         ct.ladder({"a": report({"0": 0.1}, 0.1), "b": report({"0": 0.1}, 0.1)})
+    # a row whose seeds no two teachers share is left out, not divided by zero
+    assert ct.ladder({"a": report({"0": 0.1}, 0.1), "b": report({"1": 0.1}, 0.09)})["rows"] == {}
