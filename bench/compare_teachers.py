@@ -34,21 +34,37 @@ from _reproduce_report import FITTED_ROW as FITTED
 from reproduce import Scale, all_rows, uses_teacher
 
 
+SPLITS = ("B", "U")
+
+
+def _same_scale(reports: list[dict]) -> None:
+    if len({json.dumps(rep["meta"]["scale"], sort_keys=True) for rep in reports}) > 1:
+        raise SystemExit("the reports were made at different scales (sets, steps or sizes): not comparable")
+
+
+def _fitted(rep: dict) -> dict[str, float]:
+    """The teacher's own fitted-per-face AbsRel (lstsq) of one report, by test set."""
+    return {split: rep["table"][FITTED][f"{split}/lstsq/abs_rel"]["mean"] for split in SPLITS}
+
+
+def _learners() -> set[str]:
+    """The student rows that learn from the teacher (reproduce's own rule)."""
+    return {row for row, opts in all_rows(Scale()).items() if uses_teacher(opts)}
+
+
+def _abs_rel(per_seed: dict, split: str) -> dict:
+    """{seed: lstsq AbsRel on ``split``} of one row's per-seed scores."""
+    return {k: v[split]["lstsq"]["abs_rel"] for k, v in per_seed.items()}
+
+
 def compare(weaker: dict, stronger: dict) -> dict:
     """{"teachers": fitted rows of both, "rows": {row: {split: paired difference}}}; pure."""
-    if weaker["meta"]["scale"] != stronger["meta"]["scale"]:
-        raise SystemExit("the two reports were made at different scales (sets, steps or sizes): not comparable")
-    teachers = {name: {split: rep["table"][FITTED][f"{split}/lstsq/abs_rel"]["mean"] for split in ("B", "U")}
-                for name, rep in (("weaker", weaker), ("stronger", stronger)) if FITTED in rep["table"]}
-    rows = {}
-    learners = {row for row, opts in all_rows(Scale()).items() if uses_teacher(opts)}
-    for row, per_seed in stronger["per_seed"].items():
-        if row not in learners or row not in weaker["per_seed"]:
-            continue
-        rows[row] = {split: ev.paired_difference({k: v[split]["lstsq"]["abs_rel"] for k, v in per_seed.items()},
-                                                 {k: v[split]["lstsq"]["abs_rel"]
-                                                  for k, v in weaker["per_seed"][row].items()})
-                     for split in ("B", "U")}
+    _same_scale([weaker, stronger])
+    teachers = {name: _fitted(rep) for name, rep in (("weaker", weaker), ("stronger", stronger))
+                if FITTED in rep["table"]}
+    rows = {row: {split: ev.paired_difference(_abs_rel(per_seed, split), _abs_rel(weaker["per_seed"][row], split))
+                  for split in SPLITS}
+            for row, per_seed in stronger["per_seed"].items() if row in _learners() and row in weaker["per_seed"]}
     return {"teachers": teachers, "rows": rows}
 
 
@@ -62,26 +78,22 @@ def ladder(reports: dict[str, dict]) -> dict:
     pure. ``slope`` is ``_evidence.paired_difference`` of the per-seed slopes against 0 (mean, ci95, n)."""
     if len(reports) < 2:
         raise SystemExit("a ladder needs the reports of at least two teachers")
-    scales = {json.dumps(rep["meta"]["scale"], sort_keys=True) for rep in reports.values()}
-    if len(scales) > 1:
-        raise SystemExit("the reports were made at different scales (sets, steps or sizes): not comparable")
+    _same_scale(list(reports.values()))
     missing = [name for name, rep in reports.items() if FITTED not in rep["table"]]
     if missing:
         raise SystemExit(f"no fitted-teacher row ({FITTED!r}) in {', '.join(missing)}")
-    fitted = {name: {split: rep["table"][FITTED][f"{split}/lstsq/abs_rel"]["mean"] for split in ("B", "U")}
-              for name, rep in reports.items()}
+    fitted = {name: _fitted(rep) for name, rep in reports.items()}
     order = sorted(reports, key=lambda name: -fitted[name]["B"])
     if len({fitted[name]["B"] for name in order}) < 2:
         raise SystemExit("every teacher has the same fitted AbsRel: no slope to measure")
-    learners = {row for row, opts in all_rows(Scale()).items() if uses_teacher(opts)}
     rows = {}
-    for row in sorted(learners & set.intersection(*(set(rep["per_seed"]) for rep in reports.values()))):
+    for row in sorted(_learners() & set.intersection(*(set(rep["per_seed"]) for rep in reports.values()))):
         seeds = sorted(set.intersection(*(set(reports[n]["per_seed"][row]) for n in order)), key=str)
         if not seeds:  # no seed trained under every teacher: nothing to pair
             continue
         rows[row] = {}
-        for split in ("B", "U"):
-            per = {n: {k: reports[n]["per_seed"][row][k][split]["lstsq"]["abs_rel"] for k in seeds} for n in order}
+        for split in SPLITS:
+            per = {n: _abs_rel({k: reports[n]["per_seed"][row][k] for k in seeds}, split) for n in order}
             xs = [fitted[n][split] for n in order]
             slopes = {k: _slope(xs, [per[n][k] for n in order]) for k in seeds}
             rows[row][split] = {"means": [sum(per[n].values()) / len(seeds) for n in order], "seeds": seeds,
@@ -97,7 +109,7 @@ def ladder_markdown(result: dict) -> str:
              "slope U [95%] |", "|---|---|---|---|---|---|"]
     for row, d in result["rows"].items():
         cells = []
-        for split in ("B", "U"):
+        for split in SPLITS:
             sl = d[split]["slope"]
             cells += [" → ".join(f"{m:.4f}" for m in d[split]["means"]),
                       "–" if not sl else f"{sl['mean']:+.2f} [{sl['ci95'][0]:+.2f}, {sl['ci95'][1]:+.2f}]"]
@@ -112,7 +124,7 @@ def markdown(result: dict, weaker: str, stronger: str) -> str:
              "| row | seeds | Δ B AbsRel (stronger − weaker) | Δ U AbsRel (stronger − weaker) |", "|---|---|---|---|"]
     for row, d in result["rows"].items():
         cells = ["–" if not d[s] else f"{d[s]['mean']:+.4f} [{d[s]['ci95'][0]:+.4f}, {d[s]['ci95'][1]:+.4f}]"
-                 for s in ("B", "U")]
+                 for s in SPLITS]
         n = (d["B"] or {}).get("n", "<2")
         lines.append(f"| {row} | {n} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
@@ -125,24 +137,20 @@ def main(argv=None) -> int:
     ap.add_argument("--ladder", nargs="+", metavar="REPORT", help="instead: reproduce.json of two or more teachers")
     ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
     args = ap.parse_args(argv)
+    if args.ladder and (args.weaker or args.stronger):
+        ap.error("--ladder replaces --weaker/--stronger")
+    if not args.ladder and not (args.weaker and args.stronger):
+        ap.error("give --weaker and --stronger, or --ladder")
+    read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
+    if args.ladder:
+        result = ladder({p: read(p) for p in args.ladder})
+        md = ladder_markdown(result)
+    else:
+        result = {"weaker": args.weaker, "stronger": args.stronger, **compare(read(args.weaker), read(args.stronger))}
+        md = markdown(result, args.weaker, args.stronger)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.ladder:
-        if args.weaker or args.stronger:
-            ap.error("--ladder replaces --weaker/--stronger")
-        result = ladder({p: json.loads(Path(p).read_text()) for p in args.ladder})
-        md = ladder_markdown(result)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(md + "\n")
-        print(md)
-        return 0
-    if not (args.weaker and args.stronger):
-        ap.error("give --weaker and --stronger, or --ladder")
-    weaker, stronger = (json.loads(Path(p).read_text()) for p in (args.weaker, args.stronger))
-    result = compare(weaker, stronger)
-    md = markdown(result, args.weaker, args.stronger)
-    out.with_suffix(".json").write_text(json.dumps({"weaker": args.weaker, "stronger": args.stronger, **result},
-                                                   indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
     return 0
