@@ -94,7 +94,7 @@ def common_overrides(args) -> list[str]:
         f"data.generated.val={args.val}", "data.generated.labeled_style=apartment",
         "data.generated.unlabeled_style=apartment", "data.generated.val_style=apartment",
         "data.generated.watermark=false", f"data.generated.height={2 * h}", "data.generated.samples_per_shard=8",
-        f"model.name={args.model}", "model.encoder=",
+        f"model.name={args.model}", f"model.encoder={args.encoder}",
         "teacher.mode=oracle", "teacher.oracle_affine=true", f"teacher.oracle_noise={args.noise}",
         "distill.labeled_weight=0", f"distill.face_size={h // 2}",
         f"optim.lr={args.lr}", f"optim.steps={args.steps}",
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=128)
     p.add_argument("--val", type=int, default=24)
     p.add_argument("--model", default="unifuse_tiny")
+    p.add_argument("--encoder", default="", help="model.encoder; empty: the model's default (e.g. resnet_small)")
+    p.add_argument("--rotation", choices=("off", "on", "both"), default="both",
+                   help="which distill.rotation rows to train (goal A needs only 'on')")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--noise", type=float, default=0.05)
     p.add_argument("--log-every", type=int, default=50)
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args.augment = args.augment or ("off" if args.quick else "both")
     args.steps = args.steps or (250 if args.quick else 1000)
     augments = {"off": [False], "on": [True], "both": [False, True]}[args.augment]
+    rotations = {"off": [False], "on": [True], "both": [False, True]}[args.rotation]
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
     log(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['load_average']}, torch {info['torch']}")
-    log(f"seeds {args.seeds}, augmentation {args.augment}, {args.steps} steps, {args.model} at "
+    log(f"seeds {args.seeds}, augmentation {args.augment}, rotation {args.rotation}, {args.steps} steps, "
+        f"{args.model}{' (' + args.encoder + ')' if args.encoder else ''} at "
         f"{args.height}x{2 * args.height}; run folders in {work}")
 
     from sharding.stream import read_samples
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         scores[f"untrained s{seed}"] = s
         log(f"untrained s{seed}: AbsRel {s['abs_rel']:.4f}, seam ratio {s['seam_ratio']:.3f}")
         for augment in augments:
-            for rotation in (False, True):
+            for rotation in rotations:
                 name = f"aug-{'on' if augment else 'off'} rot-{'on' if rotation else 'off'} s{seed}"
                 run_dir = work / name.replace(" ", "_")
                 runs[name] = train(name, run_overrides(args, run_dir, seed, augment, rotation), run_dir)
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "baseline: constant depth": ["baseline: constant depth"],
                                     "untrained": [k for k in scores if k.startswith("untrained")]}
     for augment in augments:
-        for rotation in (False, True):
+        for rotation in rotations:
             g = f"augmentation {'on' if augment else 'off'}, rotation {'on' if rotation else 'off'}"
             prefix = f"aug-{'on' if augment else 'off'} rot-{'on' if rotation else 'off'}"
             groups[g] = [k for k in scores if k.startswith(prefix)]
@@ -322,13 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     seed0 = args.seeds[0]
     aug0 = "off" if False in augments else "on"
     panels = []
-    for title, key in (("untrained", f"untrained s{seed0}"), ("no rotation", f"aug-{aug0} rot-off s{seed0}"),
-                       ("rotation", f"aug-{aug0} rot-on s{seed0}")):
+    shown = [("untrained", None), ("no rotation", f"aug-{aug0} rot-off s{seed0}"),
+             ("rotation", f"aug-{aug0} rot-on s{seed0}")]
+    shown = [(title, key) for title, key in shown if key is None or key in scores]  # the rows trained
+    for title, key in shown:
         if idx == 0:
-            panels.append((title, firsts[key]))
+            panels.append((title, firsts[key or f"untrained s{seed0}"]))
     if idx != 0:  # recompute the chosen scene's predictions from the saved runs
-        for title, key in (("untrained", None), ("no rotation", f"aug-{aug0} rot-off s{seed0}"),
-                           ("rotation", f"aug-{aug0} rot-on s{seed0}")):
+        for title, key in shown:
             if key is None:
                 torch.manual_seed(seed0)
                 m = build_student(cfg.model).eval()
@@ -336,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                 m, _, _ = load_student(work / key.replace(" ", "_"), device)
             with torch.inference_mode():
                 panels.append((title, m(samples[idx]["rgb"][None])[0, 0].float()))
-    png = fig_dir / "mechanism.png"
+    png = fig_dir / f"{out.stem}.png"  # named after --out, so a variant never overwrites the default's
     draw_figure(png, samples[idx], panels, pairs["face"])
-    loss_png = fig_dir / "mechanism_loss.png"
+    loss_png = fig_dir / f"{out.stem}_loss.png"
     draw_loss(loss_png, runs)
 
     wall = time.perf_counter() - t_start
@@ -354,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [str(png), str(loss_png)],
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
-    header = (f"Oracle teacher with per-face affine (+{args.noise:.0%} noise), no labels, {args.model} at "
+    header = (f"Oracle teacher with per-face affine (+{args.noise:.0%} noise), no labels, {args.model}"
+              f"{' (' + args.encoder + ')' if args.encoder else ''} at "
               f"{args.height}x{2 * args.height}, {args.steps} steps, seeds {args.seeds}; {len(samples)} held-out "
               "scenes. AbsRel and δ1 under the reference protocol (lstsq), AbsRel median beside it. "
               f"Mean ± sd over seeds. Seam ratios: border jump / flanking jump {args.flank_offset} px away "

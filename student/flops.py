@@ -74,7 +74,7 @@ def train_step_flops(model: nn.Module, height: int, width: int | None = None, *,
 # ------------------------------------------------------------------------------------------------ CLI
 
 TABLE_ROWS = (("unifuse", "resnet18"), ("unifuse", "resnet34"), ("bifusepp", "resnet18"),
-              ("bifusepp", "resnet34"), ("rectnet", ""), ("unifuse_tiny", ""), ("bifusepp_tiny", ""),
+              ("bifusepp", "resnet34"), ("rectnet", ""), ("unifuse", "resnet_small"), ("unifuse_tiny", ""), ("bifusepp_tiny", ""),
               ("rectnet_tiny", ""))
 ANCHORS = {("unifuse", "resnet18"): (30.8, 125.0), ("bifusepp", "resnet34"): (52.5, 174.0)}
 
@@ -105,7 +105,7 @@ def table(height: int = 512) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m student.flops", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="unifuse", help="registry name (student.models.MODEL_NAMES)")
-    ap.add_argument("--encoder", default="", help="resnet18 | resnet34 | resnet_tiny; empty: the model's default")
+    ap.add_argument("--encoder", default="", help="resnet18 | resnet34 | resnet_small | resnet_tiny; empty: the model's default")
     ap.add_argument("--height", type=int, default=512, help="panorama height; width is 2 x height")
     ap.add_argument("--table", action="store_true", help="print the markdown table of all models instead")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

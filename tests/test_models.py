@@ -277,6 +277,23 @@ def test_resnet_state_dict_uses_torchvision_names():
     assert "layer3.5.conv2.weight" in enc and "layer3.6.conv1.weight" not in enc  # 3-4-6-3 blocks
 
 
+def test_resnet_small_is_resnet18_at_half_width():
+    """The bench's mid-size encoder: ResNet-18's blocks and key names, half its channels, no weights."""
+    small, r18 = ResNet("resnet_small").state_dict(), ResNet("resnet18").state_dict()
+    assert list(small) == list(r18)
+    for k, v in small.items():
+        if v.ndim == 4:  # conv weights: every channel count halved (RGB input excepted)
+            out_c, in_c = r18[k].shape[:2]
+            assert v.shape[:2] == (out_c // 2, in_c if in_c == 3 else in_c // 2), k
+    model = build_model("unifuse", encoder="resnet_small")
+    assert model.encoder_arch == "resnet_small" and 7.0e6 < sum(p.numel() for p in model.parameters()) < 8.0e6
+    with torch.no_grad():
+        out = model(_rgb(1))
+    assert out.shape == (1, 1, *_rgb(1).shape[-2:]) and (out > 0).all()
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_resnet("resnet_small", pretrained="resnet18-f37072fd.pth")
+
+
 def test_torchvision_checkpoint_loads_into_both_unifuse_encoders(tmp_path):
     torch.manual_seed(1)
     ref = ResNet("resnet18", num_classes=1000)  # a stand-in for resnet18-f37072fd.pth (same keys)

@@ -37,7 +37,7 @@ from .resnet import build_resnet_pair, get_arch
 
 @dataclass(frozen=True)
 class BiFuseConfig:
-    encoder: str = "resnet34"  # resnet18 | resnet34 | resnet_tiny
+    encoder: str = "resnet34"  # resnet18 | resnet34 | resnet_small | resnet_tiny
     pretrained: str | None = None  # ImageNet weights for both encoders (see resnet.read_pretrained)
     masks: bool = True  # BiFuse's learned fusion masks; False: BiFuse++'s plain residual exchange
     circular: bool = True  # wrap-around padding in the equirect branch and the decoder

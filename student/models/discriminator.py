@@ -22,7 +22,7 @@ from .resnet import build_resnet
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
-    encoder: str = "resnet18"  # resnet18 | resnet34 | resnet_tiny; match the student's encoder
+    encoder: str = "resnet18"  # resnet18 | resnet34 | resnet_small | resnet_tiny; match the student's encoder
     in_channels: int = 1  # depth or disparity
     pretrained: str | None = None
     circular: bool = True

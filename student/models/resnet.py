@@ -43,6 +43,9 @@ ARCHS = {
     "resnet34": ResNetArch((3, 4, 6, 3), 64, (64, 128, 256, 512), "microsoft/resnet-34"),
     # For CI: same topology (4 stages, /32), one block per stage, 16-32 channels; ~40k parameters.
     "resnet_tiny": ResNetArch((1, 1, 1, 1), 16, (16, 16, 32, 32)),
+    # For CPU experiments that need more capacity than CI's: ResNet-18's blocks at half its width (7.6 M
+    # parameters in a UniFuse, ~2.7x resnet_tiny's step time at 64x128). No pretrained weights exist.
+    "resnet_small": ResNetArch((2, 2, 2, 2), 32, (32, 64, 128, 256)),
 }
 ENCODERS = tuple(ARCHS)
 

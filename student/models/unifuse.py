@@ -35,7 +35,7 @@ FUSIONS = ("cee", "cat")
 
 @dataclass(frozen=True)
 class UniFuseConfig:
-    encoder: str = "resnet18"  # resnet18 | resnet34 | resnet_tiny
+    encoder: str = "resnet18"  # resnet18 | resnet34 | resnet_small | resnet_tiny
     pretrained: str | None = None  # ImageNet weights for both encoders (see resnet.read_pretrained)
     fusion: str = "cee"  # cee: the paper's module; cat: concat + 1x1 conv (the paper's baseline)
     se: bool = True  # squeeze-excitation inside CEE
