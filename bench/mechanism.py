@@ -3,6 +3,8 @@
     python bench/mechanism.py                 # full: 2 seeds x augmentation off/on x rotation off/on (~25 min)
     python bench/mechanism.py --quick         # 1 seed, augmentation off, 250 steps (~2 min)
     python bench/mechanism.py --seeds 0 1 2 --steps 1500 --augment off --out /tmp/mech.json
+    python bench/mechanism.py --seeds 0 --augment on --rotation on --model unifuse --encoder resnet_small \
+        --scenes 512 --steps 8000 --out bench/results/mechanism_small_s0.json   # goal A (~40 min)
 
 Every run is the real command line, ``python -m student.train --config configs/tiny.yaml`` plus overrides
 (printed, and kept in the JSON): generated "apartment" scenes (unlabeled 128, held-out val 24, rendered at

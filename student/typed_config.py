@@ -40,6 +40,7 @@ def opt(default: Any, help: str) -> Any:
 
 
 def section(cls: type) -> Any:
+    """A nested section of fields; its help line is the first line of the class docstring."""
     return field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip().split("\n")[0]})
 
 
