@@ -4,6 +4,7 @@ Pure functions of the collected scores and run folders."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -12,6 +13,24 @@ import _evidence as ev
 BASE_ROW = "student, labeled only"
 FULL_ROW = "+ pseudo labels, rotation, masks"
 FITTED_ROW = "teacher on cube faces, each face fitted to GT"
+SPLITS = ("B", "U")  # zero-shot B, in-domain U
+
+
+# ------------------------------------------------------------------ reading a report (reproduce.json)
+def seed_abs_rel(per_seed: dict, split: str) -> dict:
+    """{seed: lstsq AbsRel on ``split``} of one row's per-seed scores."""
+    return {k: v[split]["lstsq"]["abs_rel"] for k, v in per_seed.items()}
+
+
+def fitted_abs_rel(report: dict) -> dict[str, float]:
+    """The teacher's own fitted-per-face AbsRel (lstsq, mean) of one report, by test set."""
+    return {split: report["table"][FITTED_ROW][f"{split}/lstsq/abs_rel"]["mean"] for split in SPLITS}
+
+
+def scales_differ(reports: list[dict], free: tuple[str, ...] = ()) -> bool:
+    """Whether the reports were made at different scales (sets, steps, sizes), ignoring the fields ``free``."""
+    return len({json.dumps({k: v for k, v in rep["meta"]["scale"].items() if k not in free}, sort_keys=True)
+                for rep in reports}) > 1
 
 
 def plateau(records: list[dict], key: str = "loss_labeled") -> dict | None:
@@ -64,7 +83,7 @@ def summarise(results: dict[str, dict]) -> dict:
     base = results.get(BASE_ROW, {})
     for row, per_seed in results.items():
         t = {"n": len(per_seed), "seeds": list(per_seed)}
-        for split in ("B", "U"):
+        for split in SPLITS:
             for proto in ("lstsq", "median"):
                 for metric in ("abs_rel", "delta1"):
                     vals = [r[split][proto][metric] for r in per_seed.values()]
@@ -72,9 +91,8 @@ def summarise(results: dict[str, dict]) -> dict:
                         "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                         "values": vals}
             if row != BASE_ROW and "-" not in per_seed and base:
-                t[f"{split}/paired_vs_labeled_only"] = ev.paired_difference(
-                    {k: v[split]["lstsq"]["abs_rel"] for k, v in per_seed.items()},
-                    {k: v[split]["lstsq"]["abs_rel"] for k, v in base.items()})
+                t[f"{split}/paired_vs_labeled_only"] = ev.paired_difference(seed_abs_rel(per_seed, split),
+                                                                           seed_abs_rel(base, split))
         table[row] = t
     return table
 

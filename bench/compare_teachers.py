@@ -31,20 +31,15 @@ from pathlib import Path
 
 import _evidence as ev
 from _reproduce_report import FITTED_ROW as FITTED
+from _reproduce_report import SPLITS, scales_differ
+from _reproduce_report import fitted_abs_rel as _fitted
+from _reproduce_report import seed_abs_rel as _abs_rel
 from reproduce import Scale, all_rows, uses_teacher
 
 
-SPLITS = ("B", "U")
-
-
 def _same_scale(reports: list[dict]) -> None:
-    if len({json.dumps(rep["meta"]["scale"], sort_keys=True) for rep in reports}) > 1:
+    if scales_differ(reports):
         raise SystemExit("the reports were made at different scales (sets, steps or sizes): not comparable")
-
-
-def _fitted(rep: dict) -> dict[str, float]:
-    """The teacher's own fitted-per-face AbsRel (lstsq) of one report, by test set."""
-    return {split: rep["table"][FITTED][f"{split}/lstsq/abs_rel"]["mean"] for split in SPLITS}
 
 
 def _learners() -> set[str]:
@@ -52,19 +47,15 @@ def _learners() -> set[str]:
     return {row for row, opts in all_rows(Scale()).items() if uses_teacher(opts)}
 
 
-def _abs_rel(per_seed: dict, split: str) -> dict:
-    """{seed: lstsq AbsRel on ``split``} of one row's per-seed scores."""
-    return {k: v[split]["lstsq"]["abs_rel"] for k, v in per_seed.items()}
-
-
 def compare(weaker: dict, stronger: dict) -> dict:
     """{"teachers": fitted rows of both, "rows": {row: {split: paired difference}}}; pure."""
     _same_scale([weaker, stronger])
     teachers = {name: _fitted(rep) for name, rep in (("weaker", weaker), ("stronger", stronger))
                 if FITTED in rep["table"]}
+    learners = _learners()
     rows = {row: {split: ev.paired_difference(_abs_rel(per_seed, split), _abs_rel(weaker["per_seed"][row], split))
                   for split in SPLITS}
-            for row, per_seed in stronger["per_seed"].items() if row in _learners() and row in weaker["per_seed"]}
+            for row, per_seed in stronger["per_seed"].items() if row in learners and row in weaker["per_seed"]}
     return {"teachers": teachers, "rows": rows}
 
 

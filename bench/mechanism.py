@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     args.augment = args.augment or ("off" if args.quick else "both")
     args.steps = args.steps or (250 if args.quick else 1000)
-    augments = {"off": [False], "on": [True], "both": [False, True]}[args.augment]
-    rotations = {"off": [False], "on": [True], "both": [False, True]}[args.rotation]
+    switch = {"off": [False], "on": [True], "both": [False, True]}  # an --augment/--rotation choice -> its values
+    augments, rotations = switch[args.augment], switch[args.rotation]
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()

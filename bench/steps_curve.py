@@ -23,21 +23,19 @@ import json
 import statistics
 from pathlib import Path
 
-from _reproduce_report import FITTED_ROW
+from _reproduce_report import FITTED_ROW, SPLITS, scales_differ
 
-SPLITS = ("B", "U")
 FREE = ("steps", "seeds", "decisive_seeds")  # scale fields the reports may differ in (the seeds run: a selection)
 
 
 def _student_rows(rep: dict) -> list[str]:
-    return [row for row in rep["per_seed"] if not row.startswith(("teacher", "baseline"))]
+    """The rows of trained students; teacher and baseline rows are scored once, under a "-" seed."""
+    return [row for row, per_seed in rep["per_seed"].items() if "-" not in per_seed]
 
 
 def curve(reports: list[dict]) -> dict:
     """{row: [{steps, seeds, B, U, dB, dU, teacher, loss_change}, ...] by increasing steps}."""
-    scales = {json.dumps({k: v for k, v in rep["meta"]["scale"].items() if k not in FREE}, sort_keys=True)
-              for rep in reports}
-    if len(scales) > 1:
+    if scales_differ(reports, FREE):
         raise SystemExit("the reports differ in more than their steps (sets or sizes): not comparable")
     reports = sorted(reports, key=lambda rep: rep["meta"]["scale"]["steps"])
     if len({rep["meta"]["scale"]["steps"] for rep in reports}) < len(reports):
