@@ -34,7 +34,7 @@ def _student_rows(rep: dict) -> list[str]:
 
 
 def curve(reports: list[dict]) -> dict:
-    """{row: [{steps, seeds, B, U, dB, dU, teacher, loss_change}, ...] by increasing steps}."""
+    """{row: [{steps, seeds, B, U, dB, dU, teacher_fitted_B, loss_change}, ...] by increasing steps}."""
     if scales_differ(reports, FREE):
         raise SystemExit("the reports differ in more than their steps (sets or sizes): not comparable")
     reports = sorted(reports, key=lambda rep: rep["meta"]["scale"]["steps"])
