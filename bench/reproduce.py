@@ -8,7 +8,11 @@
     python bench/reproduce.py --toy                # CI smoke size: every stage in a couple of minutes
 
 Each stage is one command of under 90 min on 2 CPU cores. A stage skips the runs already done, so it can be
-rerun after an interruption; every student run is claimed with a lock (``claim_run``), so two stage commands
+rerun after an interruption, and a student run checkpoints every ``ckpt_every`` steps and resumes from there
+(exactly: the same batches, the same weights). ``--stop-after MIN`` ends a stage after MIN minutes, stopping
+the run in progress, with exit status 3: run the same command again to go on. A schedule longer than one
+command's budget (``--steps 24000``) is thus trained in several commands. Every student run is claimed with a
+lock (``claim_run``), so two stage commands
 started side by side on one working folder share its runs out, one core each, e.g. ``--stage decisive`` and
 ``--stage ablation`` at once, then ``--stage oracle`` twice. Students train with one torch thread. Generated
 scenes stand in for datasets we cannot download here:
@@ -100,23 +104,45 @@ class Scale:
     teacher_minutes: float = 20.0
     teacher_views: int = 6000
     model: str = "unifuse_tiny"
+    # a few MB each (two kept): what an interrupted or --stop-after run resumes from, at most this many steps back
+    ckpt_every: int = 500
 
 
 TOY = Scale(height=32, face=16, labeled=4, unlabeled=6, test_b=3, test_u=3, steps=3, warmup=0, batch=4, rotations=2,
-            decisive_seeds=[0, 1], seeds=[0], oracle_noise=[0.0, 0.4], teacher_minutes=0.1, teacher_views=24)
+            decisive_seeds=[0, 1], seeds=[0], oracle_noise=[0.0, 0.4], teacher_minutes=0.1, teacher_views=24,
+            ckpt_every=2)
 
 
 def log(msg: str) -> None:
     print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cmd: list[str], log_file: Path) -> None:
-    """A child process (one torch thread) whose output goes to a log file, named in the error if it fails."""
-    with log_file.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env())
+class Stopped(Exception):
+    """The stage reached its ``--stop-after`` time; what it was training resumes when the command runs again."""
+
+
+def run(cmd: list[str], log_file: Path, deadline: float | None = None) -> bool:
+    """A child process (one torch thread) whose output is appended to a log file, named in the error if it
+    fails. Returns False if ``deadline`` (a ``time.time()``) came first: the child was then stopped (SIGTERM,
+    SIGKILL a minute later), losing at most the steps since its last checkpoint."""
+    with log_file.open("a") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env())
+        try:
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            return False
+        finally:  # the deadline, or this process interrupted: never leave a child training alone
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if proc.returncode != 0:
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+    return True
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -252,8 +278,9 @@ def run_name(row: str, seed: int) -> str:
 
 
 def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores: dict, teacher: Path,
-                s: Scale) -> dict:
-    """Train (unless done) and score one student; returns {"B": {...}, "U": {...}} with both protocols."""
+                s: Scale, deadline: float | None = None) -> dict:
+    """Train (unless done) and score one student; returns {"B": {...}, "U": {...}} with both protocols.
+    Raises ``Stopped`` if ``deadline`` comes first (the run keeps its checkpoints and resumes next time)."""
     import torch
 
     from student.evaluate import student_predictor
@@ -274,7 +301,8 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
         claim.release()
         return json.loads(scores.read_text())
     lst = lambda xs: "[" + ",".join(xs) + "]"  # noqa: E731
-    args = [f"run.out_dir={out}", f"run.seed={seed}", "run.progress=false", "run.ckpt_every=0", "run.log_every=50",
+    args = [f"run.out_dir={out}", f"run.seed={seed}", "run.progress=false", f"run.ckpt_every={s.ckpt_every}",
+            "run.keep_checkpoints=2", "run.log_every=50",
             "data.source=shards", f"data.labeled={lst(data['labeled'])}", f"data.unlabeled={lst(data['unlabeled'])}",
             f"data.val={lst(data['test_b'])}", f"data.height={s.height}", f"data.batch_size={s.batch}",
             "data.num_workers=1", f"model.name={s.model}", "model.encoder=", f"optim.steps={s.steps}",
@@ -291,19 +319,52 @@ def student_run(work: Path, row: str, opts: dict, seed: int, data: dict, stores:
         args += ["teacher.mode=none", "distill.pseudo_weight=0"]
     t0 = time.time()
     if not (out / "eval.json").is_file():  # trained and evaluated already: only the in-domain scoring is missing
-        if out.exists():  # an interrupted run (no checkpoints at this size): start it again from scratch
+        step = saved_step(out)
+        if out.exists() and step is None:  # interrupted before its first checkpoint: start again from scratch
             shutil.rmtree(out)
-        log(f"student: {row}, seed {seed}")
-        run([sys.executable, "-m", "student.train", *args], work / "runs" / f"{run_name(row, seed)}.log")
+        log(f"student: {row}, seed {seed}" + (f", resuming from its step-{step} checkpoint" if step else ""))
+        if deadline is not None and time.time() >= deadline:
+            claim.release()
+            raise Stopped(f"{row}, seed {seed}: not started")
+        finished = run([sys.executable, "-m", "student.train", *args], work / "runs" / f"{run_name(row, seed)}.log",
+                       deadline)
+        add_segment(out, time.time() - t0, finished)
+        if not finished:
+            claim.release()
+            raise Stopped(f"{row}, seed {seed}: stopped, saved at step {saved_step(out) or 0} of {s.steps}")
         if uses_teacher(opts):
             (out / "teacher.json").write_text(json.dumps({"teacher": str(teacher), "teacher_sha256": fp}) + "\n")
     model, _, _ = load_student(out, torch.device("cpu"))
     b = json.loads((out / "eval.json").read_text())
+    segments = read_segments(out)
     result = {"B": {**b["metrics_by_protocol"], "images": b["images"]},
-              "U": ev.score(student_predictor(model), data["test_u"], s.height), "wall_s": round(time.time() - t0, 1)}
+              "U": ev.score(student_predictor(model), data["test_u"], s.height),
+              "wall_s": round(sum(x["wall_s"] for x in segments) or time.time() - t0, 1),
+              "commands": max(1, len(segments))}
     scores.write_text(json.dumps(result, indent=2) + "\n")
     claim.release()
     return result
+
+
+def saved_step(run_dir: Path) -> int | None:
+    """The step of the run's newest checkpoint, or None if it has none."""
+    from student.checkpoint import latest_checkpoint
+
+    folder = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    return int(folder.name.split("_")[-1]) if folder is not None else None
+
+
+def add_segment(run_dir: Path, wall_s: float, finished: bool) -> None:
+    """Record one command's share of a run's training (``segments.json``: its wall time, whether it finished)."""
+    if run_dir.is_dir():
+        segments = read_segments(run_dir) + [{"wall_s": round(wall_s, 1), "finished": finished,
+                                              "saved_step": saved_step(run_dir)}]
+        (run_dir / "segments.json").write_text(json.dumps(segments, indent=1) + "\n")
+
+
+def read_segments(run_dir: Path) -> list[dict]:
+    f = run_dir / "segments.json"
+    return json.loads(f.read_text()) if f.is_file() else []
 
 
 def check_schedule(run_dir: Path, s: Scale) -> None:
@@ -436,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only these seeds (every row; e.g. a one-seed probe of a longer schedule)")
     ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
                     help="train only the rows whose name contains one of these (e.g. 'labeled only')")
+    ap.add_argument("--stop-after", type=float, default=None, metavar="MIN",
+                    help="end the stage after MIN minutes (exit status 3); the run in progress resumes from its "
+                         "last checkpoint when the same command runs again")
     ap.add_argument("--fresh", action="store_true", help="delete the working folder first")
     args = ap.parse_args(argv)
     s = TOY if args.toy else Scale()
@@ -455,10 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(work, s)
     pseudo = any(o.get("pseudo") for st in stages for _, o, _ in stage_rows(st, s, args.rows))
     stores = precompute_stores(work, data, teacher, s) if pseudo or "data" in stages else {}
-    for stage in stages:
-        for row, opts, seeds in stage_rows(stage, s, args.rows):
-            for seed in seeds:
-                student_run(work, row, opts, seed, data, stores, teacher, s)
+    deadline = t0 + 60 * args.stop_after if args.stop_after else None
+    try:
+        for stage in stages:
+            for row, opts, seeds in stage_rows(stage, s, args.rows):
+                for seed in seeds:
+                    student_run(work, row, opts, seed, data, stores, teacher, s, deadline)
+    except Stopped as why:
+        log(f"stopped after --stop-after {args.stop_after:g} min ({why}): run the same command again to go on")
+        return 3
     if "report" not in stages:
         log(f"stage {args.stage} done in {(time.time() - t0) / 60:.1f} min")
         return 0

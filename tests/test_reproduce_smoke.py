@@ -174,3 +174,57 @@ def test_the_teacher_goal_verdict_is_not_rounded_into_a_pass():
         md = markdown({"teacher on cube faces, each face fitted to GT": row(fitted),
                        "baseline: constant distance, each face fitted to GT": row(0.1378)}, meta)
         assert verdict in md
+
+
+def test_run_stops_its_child_at_the_deadline(tmp_path):
+    """--stop-after: the child training process is stopped when the stage's time is up, not left running."""
+    import os
+    import time
+
+    log = tmp_path / "child.log"
+    t0 = time.time()
+    finished = reproduce.run([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"],
+                             log, deadline=time.time() + 2)
+    assert finished is False and time.time() - t0 < 60
+    pid = int(log.read_text().split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert reproduce.run([sys.executable, "-c", "print('second part')"], log, deadline=time.time() + 60) is True
+    assert log.read_text().split()[1:] == ["second", "part"]  # appended: an interrupted run keeps its log
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_student(tmp_path):
+    """A labeled-only toy run, interrupted after its step-2 checkpoint, is resumed by the next command (not
+    started again) and ends with exactly the weights of the run that was never interrupted."""
+    import torch
+
+    from student.checkpoint import checkpoint_root, load_model_state, step_dir
+
+    s = reproduce.Scale(**{**reproduce.asdict(reproduce.TOY), "steps": 4, "ckpt_every": 2})
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    data = reproduce.build_data(work, s)
+    row, opts = reproduce.BASE_ROW, reproduce.DECISIVE[reproduce.BASE_ROW]
+    teacher = reproduce.V2_TEACHER  # labeled only never calls it; the run records which one it is configured with
+    whole = reproduce.student_run(work, row, opts, 0, data, {}, teacher, s)
+    out = work / "runs" / reproduce.run_name(row, 0)
+    final, _ = load_model_state(out)
+    # what a command stopped after step 2 leaves behind: the step-2 checkpoint, no final one, no scores
+    for f in ("scores.json", "eval.json", "segments.json"):
+        (out / f).unlink(missing_ok=True)
+    import shutil
+    shutil.rmtree(step_dir(out, 4))
+    (checkpoint_root(out) / "latest").write_text(step_dir(out, 2).name)
+    assert reproduce.saved_step(out) == 2
+    with pytest.raises(reproduce.Stopped, match="not started"):  # the time is already up: nothing trains
+        reproduce.student_run(work, row, opts, 0, data, {}, teacher, s, deadline=0.0)
+    assert reproduce.saved_step(out) == 2
+    resumed = reproduce.student_run(work, row, opts, 0, data, {}, teacher, s)
+    log = (work / "runs" / f"{reproduce.run_name(row, 0)}.log").read_text()
+    assert "resuming from" in log and "at step 2" in log
+    again, _ = load_model_state(out)
+    assert set(again) == set(final)
+    for k in final:
+        assert torch.equal(again[k], final[k]), k
+    assert resumed["B"]["lstsq"]["abs_rel"] == pytest.approx(whole["B"]["lstsq"]["abs_rel"], rel=1e-6)
+    assert reproduce.read_segments(out)[-1]["finished"] is True
