@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -482,6 +483,10 @@ def cached_fixed_rows(work: Path, teacher: Path, data: dict, s: Scale) -> dict[s
     return rows
 
 
+def _interrupted(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="the part to run (default: all)")
@@ -502,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                          "last checkpoint when the same command runs again")
     ap.add_argument("--fresh", action="store_true", help="delete the working folder first")
     args = ap.parse_args(argv)
+    # a SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C, so that ``run`` stops the training child
+    # instead of leaving it orphaned (it would keep training, holding a core and its run folder)
+    signal.signal(signal.SIGTERM, _interrupted)
     s = TOY if args.toy else Scale()
     if args.steps:
         s.steps = args.steps

@@ -228,3 +228,49 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_student(tmp_path)
         assert torch.equal(again[k], final[k]), k
     assert resumed["B"]["lstsq"]["abs_rel"] == pytest.approx(whole["B"]["lstsq"]["abs_rel"], rel=1e-6)
     assert reproduce.read_segments(out)[-1]["finished"] is True
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text`` (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace") and \
+                        "Z" not in (d / "stat").read_text().split(")")[-1].split()[0]:
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="needs /proc")
+def test_a_killed_stage_takes_its_training_child_with_it(tmp_path):
+    """SIGTERM to a stage command (kill, a scheduler's limit) stops the student it was training too: an
+    orphan would keep a core busy and write into a run folder that the next command resumes from."""
+    import os
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "reproduce.py"), "--toy", "--stage", "decisive",
+                             "--rows", "labeled only", "--seeds", "0", "--steps", "100000", "--work", str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not any(p != proc.pid for p in _processes_mentioning(str(work / "runs"))):
+            assert proc.poll() is None and time.time() < deadline, "the stage never started its student"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        time.sleep(1)
+        assert _processes_mentioning(str(work / "runs")) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _processes_mentioning(str(work / "runs")):  # only what this test started (its tmp path)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
