@@ -536,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as why:
         log(f"stopped after --stop-after {args.stop_after:g} min ({why}): run the same command again to go on")
         return 3
+    except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the child was stopped by ``run``, its checkpoints kept
+        log(f"interrupted ({why or 'Ctrl-C'}): student runs resume from their last checkpoint when the same "
+            "command runs again")
+        return 130
     if "report" not in stages:
         log(f"stage {args.stage} done in {(time.time() - t0) / 60:.1f} min")
         return 0

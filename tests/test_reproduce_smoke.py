@@ -255,16 +255,17 @@ def test_a_killed_stage_takes_its_training_child_with_it(tmp_path):
     work = tmp_path / "work"
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "reproduce.py"), "--toy", "--stage", "decisive",
                              "--rows", "labeled only", "--seeds", "0", "--steps", "100000", "--work", str(work)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while not any(p != proc.pid for p in _processes_mentioning(str(work / "runs"))):
             assert proc.poll() is None and time.time() < deadline, "the stage never started its student"
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        out, _ = proc.communicate(timeout=120)
         time.sleep(1)
         assert _processes_mentioning(str(work / "runs")) == []
+        assert proc.returncode == 130 and "interrupted (signal 15)" in out and "Traceback" not in out, out[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
