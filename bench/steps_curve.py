@@ -9,8 +9,12 @@ The reports must come from ``bench/reproduce.py`` on the same panoramas and size
 equal except for ``steps`` and the seeds run (a mismatch is refused). For every student row that two or more reports have,
 at each length: the mean AbsRel (lstsq) over seeds on zero-shot B and in-domain U, and the change from the
 previous length, **paired** over the seeds both lengths have (same seed: same initial weights and batch
-order), as a relative change of that pair's mean. A row has reached a plateau on the tests when doubling
-its schedule no longer moves it by more than its seed spread. Beside it, each report's own training-curve
+order), as a relative change of that pair's mean, and that change per doubling of the schedule (lengths
+need not be doublings: 1000 -> 3000 is 1.58 of them). The plateau verdict, a decision written down: a row has
+reached a plateau on the tests when its last lengthening improved zero-shot B by less than ``PLATEAU``
+(2%) per doubling, about the relative seed spread of the labeled-only student at 6000-12000 steps (sd
+0.003-0.004 on 0.18-0.19): a doubling that buys less than one seed's spread is not worth its compute. Beside
+it, each report's own training-curve
 check (the labeled loss over the last 20% of steps against the 20% before). Reports may use different
 teachers (each length lists its teacher's fitted-per-face AbsRel on B): for the pseudo-label rows a length
 change may then be a teacher change too. Outputs: ``--out`` + ``.json``, ``.md`` and ``.png``.
@@ -20,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
 from _reproduce_report import FITTED_ROW, SPLITS, scales_differ
 
 FREE = ("steps", "seeds", "decisive_seeds")  # scale fields the reports may differ in (the seeds run: a selection)
+PLATEAU = 0.02  # a lengthening that improves B by less than this per doubling: the row has plateaued (docstring)
 
 
 def _student_rows(rep: dict) -> list[str]:
@@ -54,7 +60,8 @@ def curve(reports: list[dict]) -> dict:
             point = {"steps": rep["meta"]["scale"]["steps"], "seeds": ar, "teacher_fitted_B": fitted}
             for split in SPLITS:
                 point[split] = statistics.fmean(v[split] for v in ar.values())
-                point[f"d{split}"] = _paired_change(prev["seeds"], ar, split) if prev else None
+                point[f"d{split}"] = _paired_change(prev["seeds"], ar, split, point["steps"] / prev["steps"]) \
+                    if prev else None
             plat = rep["meta"].get("plateau", {}).get(row, {})
             changes = [v["relative_change"] for v in plat.values() if v]
             point["loss_change"] = [min(changes), max(changes)] if changes else None
@@ -64,15 +71,32 @@ def curve(reports: list[dict]) -> dict:
     return out
 
 
-def _paired_change(before: dict, after: dict, split: str) -> dict | None:
-    """Relative change of the mean AbsRel over the seeds both lengths have, with those seeds' range."""
+def _paired_change(before: dict, after: dict, split: str, ratio: float) -> dict | None:
+    """Relative change of the mean AbsRel over the seeds both lengths have, with those seeds' range, and the
+    same change per doubling of the schedule (``ratio``: the new length over the old)."""
     common = sorted(set(before) & set(after))
     if not common:
         return None
     b = statistics.fmean(before[s][split] for s in common)
     per_seed = [(after[s][split] - before[s][split]) / before[s][split] for s in common]
-    return {"n": len(common), "relative": statistics.fmean(after[s][split] for s in common) / b - 1.0,
+    relative = statistics.fmean(after[s][split] for s in common) / b - 1.0
+    return {"n": len(common), "relative": relative, "per_doubling": (1.0 + relative) ** (1.0 / math.log2(ratio)) - 1.0,
             "per_seed": [min(per_seed), max(per_seed)]}
+
+
+def verdicts(result: dict) -> dict[str, str]:
+    """Per row: has it reached a plateau on zero-shot B by its last lengthening (``PLATEAU``, docstring)?"""
+    out = {}
+    for row, points in result.items():
+        last = next((p for p in reversed(points) if p["dB"]), None)
+        if last is None:
+            continue
+        d = last["dB"]["per_doubling"]
+        reached = d > -PLATEAU
+        out[row] = (f"{row}: {'plateau reached' if reached else 'no plateau'} by {last['steps']} steps "
+                    f"(zero-shot B {d:+.2%} per doubling over the last lengthening, n={last['dB']['n']} seed(s); "
+                    f"plateau: better than {-PLATEAU:.0%} per doubling)")
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -84,7 +108,7 @@ def markdown(result: dict) -> str:
         if not d:
             return "–"
         lo, hi = d["per_seed"]
-        return f"{d['relative']:+.1%} (seeds {lo:+.1%} to {hi:+.1%}, n={d['n']})"
+        return f"{d['relative']:+.1%}, {d['per_doubling']:+.1%}/doubling (seeds {lo:+.1%} to {hi:+.1%}, n={d['n']})"
 
     for row, points in result.items():
         for p in points:
@@ -133,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     result = curve([json.loads(Path(p).read_text()) for p in args.reports])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"reports": args.reports, "rows": result}, indent=2) + "\n")
+    verdict = verdicts(result)
+    out.with_suffix(".json").write_text(json.dumps({"reports": args.reports, "rows": result, "plateau": verdict},
+                                                   indent=2) + "\n")
     header = ("AbsRel (lstsq, mean over seeds) against the schedule's length; changes are paired over the seeds "
               "both lengths have. Reports: " + ", ".join(f"`{p}`" for p in args.reports) + ".")
-    md = header + "\n\n" + markdown(result) + "\n"
+    md = header + "\n\n" + markdown(result) + "\n\n" + "\n".join(f"- {v}" for v in verdict.values()) + "\n"
     out.with_suffix(".md").write_text(md)
     plot(result, out.with_suffix(".png"))
     print(md)

@@ -33,7 +33,9 @@ def test_changes_are_paired_over_common_seeds_and_sorted_by_steps():
     d = second["dB"]
     assert d["n"] == 2 and d["relative"] == pytest.approx(0.38 / 0.40 - 1) and d["per_seed"] == pytest.approx([-0.1, 0.0])
     assert second["dU"]["relative"] == pytest.approx(d["relative"]) and second["loss_change"] == [-0.1, -0.1]
-    assert "| student, labeled only | 2000 | 2 | 0.1900 | -5.0% (seeds -10.0% to +0.0%, n=2)" in sc.markdown(out)
+    assert d["per_doubling"] == pytest.approx(d["relative"])  # 1000 -> 2000 is one doubling
+    assert "| student, labeled only | 2000 | 2 | 0.1900 | -5.0%, -5.0%/doubling (seeds -10.0% to +0.0%, n=2)" \
+        in sc.markdown(out)
     assert "| 0.0800 | -10.0% to -10.0% |" in sc.markdown(out)  # the teacher's fitted B, the loss check
 
 
@@ -52,3 +54,13 @@ def test_main_writes_the_table_and_the_figure(tmp_path):
         paths.append(str(p))
     assert sc.main([*paths, "--out", str(tmp_path / "curve")]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 0 and "| 3000 | 1 | 0.1900 |" in (tmp_path / "curve.md").read_text()
+
+
+def test_the_plateau_verdict_is_per_doubling_of_the_last_lengthening():
+    # 1000 -> 4000 is two doublings: -3.96% overall is -2.0% per doubling, just not a plateau
+    steep = sc.curve([report(1000, {"0": 0.2}), report(4000, {"0": 0.2 * 0.98 ** 2 * 0.9999})])
+    assert steep["student, labeled only"][1]["dB"]["per_doubling"] == pytest.approx(-0.02, abs=1e-4)
+    assert "no plateau by 4000 steps" in sc.verdicts(steep)["student, labeled only"]
+    # a big early gain does not hide a flat last doubling
+    flat = sc.curve([report(1000, {"0": 0.3}), report(2000, {"0": 0.2}), report(4000, {"0": 0.199})])
+    assert "plateau reached by 4000 steps (zero-shot B -0.50% per doubling" in sc.verdicts(flat)["student, labeled only"]
