@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -170,8 +171,27 @@ def check_finite(state: dict, f: str | Path) -> dict:
     return state
 
 
+_HELD: "weakref.WeakSet[Lock]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): forget the parent's locks. A ``flock`` belongs to the open file
+    description, which fork shares, so a worker outliving its trainer by a few seconds kept the run folder
+    locked and a resume started at once was refused ("in use by pid N", N already gone). Closing the child's
+    copy of the descriptor leaves the parent's lock intact (it ends when the last descriptor closes)."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            os.close(lock.fd)
+            lock.fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class Lock:
     """An exclusive ``fcntl`` lock on ``path`` for as long as it is held; ``release`` (or process exit) ends it.
+    It is the holding process's own: a process forked from it does not hold it (``_drop_inherited_locks``).
 
     A second process asking for it is refused at once with a ``UserError`` naming the holder's pid: two
     writers of one run folder (or one data cache) would interleave their files silently."""
@@ -190,11 +210,13 @@ class Lock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd: int | None = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+        _HELD.discard(self)
 
     def __enter__(self) -> "Lock":
         return self

@@ -3,6 +3,8 @@ refused, and the single-writer lock (two processes)."""
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -136,3 +138,37 @@ def test_generated_cache_writer_is_refused_while_another_renders(tmp_path, holde
     with pytest.raises(UserError, match=rf"generated-data cache .* \(pid {proc.pid},"):
         prepare_data(cfg)
     assert not root.exists()  # nothing rendered by the refused writer
+
+
+_HOLD_AND_FORK = """
+import os, sys, time
+from student import checkpoint as ckpt
+lock = ckpt.Lock(sys.argv[1], "test")
+child = os.fork()
+if child == 0:  # like a DataLoader worker: forked from the holder, outliving it for a while
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # not the test's pipes: it reads them to their end
+        os.dup2(null, fd)
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+"""
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
+    """A trainer's DataLoader workers are forked from it. When the trainer ended, a worker still alive kept its
+    run folder locked (a flock is shared over fork), so a resume started at once was refused."""
+    path = tmp_path / "run" / ".lock"
+    proc = subprocess.run([sys.executable, "-c", _HOLD_AND_FORK, str(path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    child = int(proc.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # the forked child is still alive, the holder is gone
+        lock = ckpt.lock_run_dir(tmp_path / "run")  # and the lock is free at once
+        lock.release()
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
