@@ -30,7 +30,8 @@ from pathlib import Path
 
 from _reproduce_report import FITTED_ROW, SPLITS, scales_differ
 
-FREE = ("steps", "seeds", "decisive_seeds")  # scale fields the reports may differ in (the seeds run: a selection)
+FREE = ("steps", "seeds", "decisive_seeds", "ckpt_every")  # may differ: the seeds run are a selection, and
+# checkpoints change nothing trained (tests/test_reproduce_smoke.py: the same weights with and without them)
 PLATEAU = 0.02  # a lengthening that improves B by less than this per doubling: the row has plateaued (docstring)
 
 

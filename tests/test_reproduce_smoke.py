@@ -228,6 +228,16 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_student(tmp_path)
         assert torch.equal(again[k], final[k]), k
     assert resumed["B"]["lstsq"]["abs_rel"] == pytest.approx(whole["B"]["lstsq"]["abs_rel"], rel=1e-6)
     assert reproduce.read_segments(out)[-1]["finished"] is True
+    # and writing checkpoints changes nothing trained: seed 1 with and without them ends with the same weights
+    # (so reports of runs with and without checkpoints compare: steps_curve lets ckpt_every differ)
+    reproduce.student_run(work, row, opts, 1, data, {}, teacher, s)
+    seed1 = work / "runs" / reproduce.run_name(row, 1)
+    with_ckpt, _ = load_model_state(seed1)
+    shutil.rmtree(seed1)
+    reproduce.student_run(work, row, opts, 1, data, {}, teacher, reproduce.Scale(**{**reproduce.asdict(s), "ckpt_every": 0}))
+    assert reproduce.saved_step(seed1) == 4  # only the final checkpoint
+    without, _ = load_model_state(seed1)
+    assert all(torch.equal(with_ckpt[k], without[k]) for k in with_ckpt)
 
 
 def _processes_mentioning(text: str) -> list[int]:
