@@ -30,7 +30,9 @@ scenes stand in for datasets we cannot download here:
 
 Students train with a cosine schedule (1000 steps; ``--steps N`` for longer, in its own ``--work`` folder
 since run folders are named by row and seed only). The report's plateau check says how much the labeled
-loss still fell over the last 20% of the steps; the schedule is not stretched until it stops. Rows: the
+loss still fell over the last 20% of the steps; the schedule is not stretched until it stops (it does not
+stop here: the students memorise their labeled panoramas; ``bench/steps_curve.py`` finds the plateau on the
+tests across schedule lengths, reached by labeled only between 12000 and 24000 steps). Rows: the
 decisive pair (labeled only; + pseudo labels, rotation, masks) over 5 seeds, the ablations over 3; the
 oracle teacher (``teacher.mode=oracle``, exact per-face disparity, a random affine map per face and
 multiplicative noise at 0, 0.2, 0.4) with the full recipe, next to labeled only of the same seeds (the
